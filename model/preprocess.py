@@ -1,0 +1,121 @@
+"""The one implementation of image preprocessing, shared by training, evaluation and serving.
+
+Everything here is PIL + numpy so that the service can call it without touching torch.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .config import Preprocessing
+
+RESAMPLE = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an image this project accepts; the message says what is accepted."""
+
+
+class ImageTooLargeError(ValueError):
+    """The image has more pixels than allowed (decompression-bomb guard)."""
+
+
+def decode_image(data: bytes, *, max_pixels: int | None = None, target_size: int | None = None) -> Image.Image:
+    """Decode bytes to a PIL image: first frame, EXIF orientation applied, pixels bounded.
+
+    `target_size` lets large JPEGs decode at a reduced scale (PIL draft mode) when the model only
+    needs a side of that many pixels; the result still has at least that size.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as exc:
+            raise ImageTooLargeError(str(exc)) from exc
+        except Image.DecompressionBombWarning as exc:
+            raise ImageTooLargeError(str(exc)) from exc
+        except Exception as exc:
+            raise ImageDecodeError(
+                f"not a decodable image ({exc}); accepted formats: {', '.join(ACCEPTED_FORMATS)}"
+            ) from exc
+    if image.format not in ACCEPTED_FORMATS:
+        raise ImageDecodeError(f"image format {image.format} is not accepted; use one of {', '.join(ACCEPTED_FORMATS)}")
+    width, height = image.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLargeError(f"image has {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+    try:
+        if image.format == "JPEG" and target_size:
+            # Draft picks the largest 1/2, 1/4, 1/8 scale that keeps both sides >= the request.
+            image.draft(image.mode, (target_size, target_size))
+        image.seek(0)
+        image.load()
+        image = ImageOps.exif_transpose(image)
+    except Exception as exc:
+        raise ImageDecodeError(f"the image data is truncated or corrupt ({exc})") from exc
+    return image
+
+
+def to_model_mode(image: Image.Image, in_chans: int) -> Image.Image:
+    """Convert any PIL mode (L, RGB, RGBA, P, CMYK, I;16, ...) to 8-bit L or RGB."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        scale = 1 / 256 if image.mode.startswith("I;16") or np.asarray(image).max() > 255 else 1
+        image = Image.fromarray(np.clip(np.asarray(image, dtype=np.float64) * scale, 0, 255).astype(np.uint8))
+    elif image.mode == "F":
+        image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Composite transparent pixels on white, as a viewer would show them.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    target = "L" if in_chans == 1 else "RGB"
+    if in_chans not in (1, 3):
+        raise ValueError(f"only 1- or 3-channel models are supported, got in_chans={in_chans}")
+    return image.convert(target) if image.mode != target else image
+
+
+def resize_size(prep: Preprocessing) -> int:
+    """Shorter side after resizing, before the center crop (timm's crop_pct rule)."""
+    return math.floor(prep.img_size / prep.crop_pct)
+
+
+def resize_and_crop(image: Image.Image, prep: Preprocessing) -> Image.Image:
+    """Resize the shorter side to img_size / crop_pct, then center-crop img_size x img_size."""
+    width, height = image.size
+    short = resize_size(prep)
+    if width <= height:
+        new_w, new_h = short, max(1, round(height * short / width))
+    else:
+        new_w, new_h = max(1, round(width * short / height)), short
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), RESAMPLE[prep.interpolation])
+    left = (new_w - prep.img_size) // 2
+    top = (new_h - prep.img_size) // 2
+    return image.crop((left, top, left + prep.img_size, top + prep.img_size))
+
+
+def normalize(pixels: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """uint8 (H, W) or (H, W, C) -> float32 (C, H, W), scaled to 0..1 and standardised."""
+    x = pixels.astype(np.float32) / 255.0
+    if x.ndim == 2:
+        x = x[:, :, None]  # (H, W, 1)
+    x = x.transpose(2, 0, 1)  # (C, H, W)
+    mean = np.asarray(prep.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(prep.std, dtype=np.float32)[:, None, None]
+    return (x - mean) / std
+
+
+def preprocess(image: Image.Image, prep: Preprocessing) -> np.ndarray:
+    """The evaluation transform: PIL image of any mode -> float32 (C, S, S) model input."""
+    image = to_model_mode(image, prep.in_chans)
+    return normalize(np.asarray(resize_and_crop(image, prep)), prep)
