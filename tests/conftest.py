@@ -16,7 +16,16 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 DEMO_CHECKPOINT = ROOT / "demo" / "model" / "vitae_fmnist.safetensors"
 SAMPLES = ROOT / "demo" / "samples"
 FASHION_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 ]
 
 
@@ -24,8 +33,15 @@ def tiny_model(in_chans: int = 1, num_classes: int = 10, seed: int = 0):
     """A few-thousand-parameter ViTAE with the released cell design (32x32 input, 4x4 last grid)."""
     torch.manual_seed(seed)
     model = create_model(
-        "vitae_fmnist", num_classes=num_classes, img_size=32, in_chans=in_chans,
-        embed_dims=(8, 8, 16), token_dims=(8, 16, 32), nc_depth=(0, 0, 1), nc_heads=(1, 1, 2), nc_groups=(1, 1, 8),
+        "vitae_fmnist",
+        num_classes=num_classes,
+        img_size=32,
+        in_chans=in_chans,
+        embed_dims=(8, 8, 16),
+        token_dims=(8, 16, 32),
+        nc_depth=(0, 0, 1),
+        nc_heads=(1, 1, 2),
+        nc_groups=(1, 1, 8),
     )
     # Non-trivial BatchNorm statistics, so that folding or skipping one shows up in the outputs.
     for m in model.modules():

@@ -1,0 +1,60 @@
+# One entry point for setting up, serving, testing, training and benchmarking.
+# Quickstart: `make serve` (set up + run the service on the demo model), `make test` (set up + run the tests).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+FMNIST := /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup data serve test test-all lint export train-demo evaluate-demo bench bench-export bench-service
+
+setup: $(VENV)/.installed
+
+# torch is pinned to 2.13.0: on these machines pip takes that CPU build from local disk, while an
+# unpinned torch would download a multi-GB CUDA build (see README, "Why torch==2.13.0").
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+data: $(FMNIST)/t10k-images-idx3-ubyte.gz
+
+$(FMNIST)/t10k-images-idx3-ubyte.gz:
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
+
+serve: setup
+	$(BIN)/python -m service
+
+test: setup data
+	$(BIN)/python -m pytest -q
+
+# Everything, including the slow checks kept out of the default run.
+test-all: setup data
+	$(BIN)/python -m pytest -q -m ''
+
+lint: setup
+	$(BIN)/ruff check .
+
+export: setup
+	$(BIN)/python -m export --checkpoint demo/model/vitae_fmnist.safetensors --out artifacts
+
+# The shipped demo model: trained on this 2-core CPU machine, then copied to demo/model/.
+train-demo: setup data
+	$(BIN)/python -m model.train --variant vitae_fmnist --data fashion-mnist --epochs 15 --out runs/vitae_fmnist --seed 0
+	mkdir -p demo/model
+	cp runs/vitae_fmnist/best.safetensors demo/model/vitae_fmnist.safetensors
+	cp runs/vitae_fmnist/best.json demo/model/vitae_fmnist.json
+
+evaluate-demo: setup data
+	$(BIN)/python -m model.evaluate --checkpoint demo/model/vitae_fmnist.safetensors --data fashion-mnist
+
+bench: bench-export bench-service
+
+bench-export: setup
+	$(BIN)/python benchmarks/bench_export.py
+
+bench-service: setup
+	$(BIN)/python benchmarks/bench_service.py

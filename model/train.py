@@ -1,0 +1,387 @@
+"""Train a ViTAE: `python -m model.train --variant vitae_fmnist --data fashion-mnist --out runs/demo`.
+
+One process on CPU or GPU, or many under `torchrun --nproc_per_node N -m model.train ...`
+(DistributedDataParallel; nccl on GPU, gloo on CPU; only rank 0 writes checkpoints and logs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from .checkpoint import checkpoint_metadata, save_checkpoint
+from .config import VARIANTS
+from .data import build_datasets, collate_skipping_none
+from .evaluate import evaluate
+from .vitae import ViTAE
+from .weights import CheckpointError, check_state_dict, read_state_dict
+
+log = logging.getLogger("model.train")
+STATE_FILE = "last_state.pt"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m model.train", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--variant", default="vitae_fmnist", choices=sorted(VARIANTS))
+    p.add_argument("--overrides", default="{}", help="JSON object of ViTAEConfig fields to change")
+    p.add_argument("--data", default="fashion-mnist", help="'fashion-mnist' or an ImageFolder root (train/, val/)")
+    p.add_argument("--data-dir", default=None, help="where the Fashion-MNIST IDX files are (default: Debian's)")
+    p.add_argument("--train-subset", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--val-subset", type=int, default=None, help="use only the first N validation images")
+    p.add_argument("--out", required=True, help="folder for checkpoints and the JSON-lines log")
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--batch-size", type=int, default=128, help="per process")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate for the whole (global) batch")
+    p.add_argument("--min-lr", type=float, default=1e-5)
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--drop-path", type=float, default=0.1)
+    p.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0 disables)")
+    p.add_argument(
+        "--amp",
+        choices=["auto", "bf16", "fp16", "none"],
+        default="auto",
+        help="autocast on CUDA; auto = bf16 where supported, else fp16. CPU always runs fp32",
+    )
+    p.add_argument("--init", default=None, help="weights to start from (any file model.load_weights accepts)")
+    p.add_argument("--resume", action="store_true", help="continue exactly from <out>/last_state.pt")
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="stop after this many epochs of the schedule (the run can be continued with --resume)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: torch's)")
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars (logs only)")
+    return p.parse_args(argv)
+
+
+def setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); initialises the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_arg:
+        device = torch.device(device_arg)
+    else:
+        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases, norms and the class token: the usual ViT recipe."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith("cls_token") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float):
+    """Linear warmup to 1, then cosine down to `min_ratio`, as a multiplier per optimizer step."""
+
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def init_from(model: ViTAE, path: str) -> None:
+    """Fine-tuning start: load everything, replacing the head when the class count differs."""
+    state = read_state_dict(path)
+    head_w = state.get("head.weight")
+    if head_w is not None and head_w.shape[0] != model.num_classes:
+        log.info(
+            "--init: checkpoint has %d classes, model %d: the head is re-initialised",
+            head_w.shape[0],
+            model.num_classes,
+        )
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        state.update({k: v for k, v in model.state_dict().items() if k.startswith("head.")})
+    check_state_dict(model, state)
+    model.load_state_dict(state)
+
+
+def state_checksum(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def ranks_in_sync(model: torch.nn.Module, world: int) -> bool:
+    """True when every rank holds bit-identical weights (compared by checksum)."""
+    if world == 1:
+        return True
+    digests: list[str | None] = [None] * world
+    dist.all_gather_object(digests, state_checksum(model))
+    return len(set(digests)) == 1
+
+
+def autocast_for(device: torch.device, amp: str):
+    if device.type != "cuda" or amp == "none":
+        return nullcontext(), None
+    dtype = torch.float16 if amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported()) else torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return torch.autocast("cuda", dtype=dtype), scaler
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    rank, world, device = setup_distributed(args.device)
+    main = rank == 0
+    logging.basicConfig(
+        level=logging.INFO if main else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
+    out = Path(args.out)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    overrides = json.loads(args.overrides)
+    base = VARIANTS[args.variant]
+    overrides.setdefault("drop_path_rate", args.drop_path)
+    prep_base = base.replace(**{k: v for k, v in overrides.items() if k != "num_classes"})
+    train_ds, val_ds, class_names = build_datasets(
+        args.data,
+        prep_base.preprocessing,
+        data_dir=args.data_dir,
+        seed=args.seed,
+        train_subset=args.train_subset,
+        val_subset=args.val_subset,
+    )
+    overrides["num_classes"] = len(class_names)
+    model = ViTAE(base.replace(**overrides))
+    if args.init:
+        init_from(model, args.init)
+    model.to(device)
+    net = (
+        DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if world > 1
+        else model
+    )
+
+    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+    loader = DataLoader(
+        train_ds,
+        batch_size=args.batch_size,
+        sampler=sampler,
+        num_workers=args.workers,
+        collate_fn=collate_skipping_none,
+        drop_last=True,
+        pin_memory=device.type == "cuda",
+    )
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_ds)} training images are fewer than one batch of {args.batch_size * world}")
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lr_lambda(round(args.warmup_epochs * steps_per_epoch), args.epochs * steps_per_epoch, args.min_lr / args.lr),
+    )
+    autocast, scaler = autocast_for(device, args.amp)
+
+    start_epoch, best = 0, {"top1": -1.0}
+    state_path = out / STATE_FILE
+    if args.resume:
+        if not state_path.is_file():
+            raise FileNotFoundError(f"--resume: {state_path} not found")
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start_epoch, best = state["epoch"], state["best"]
+        set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
+        log.info("resumed from %s at epoch %d", state_path, start_epoch)
+
+    train_args = {k: v for k, v in vars(args).items()}
+    stop = min(args.epochs, args.stop_after) if args.stop_after else args.epochs
+    log_path = out / "log.jsonl"
+    t_run = time.time()
+    record: dict[str, Any] = {}
+    for epoch in range(start_epoch, stop):
+        sampler.set_epoch(epoch)
+        train_ds.set_epoch(epoch)
+        net.train()
+        t0, seen, loss_sum, correct = time.time(), 0, 0.0, 0
+        bar = tqdm(
+            loader,
+            desc=f"epoch {epoch + 1}/{args.epochs}",
+            disable=not main or args.no_progress,
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+        for batch in bar:
+            if batch is None:
+                continue
+            x, y = (t.to(device, non_blocking=True) for t in batch)
+            with autocast:
+                logits = net(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            if args.clip_grad:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            seen += len(y)
+            loss_sum += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            bar.set_postfix(
+                loss=f"{loss_sum / seen:.4f}",
+                acc=f"{correct / seen:.4f}",
+                img_s=f"{seen * world / (time.time() - t0):.0f}",
+            )
+        train_time = time.time() - t0
+        metrics = None
+        if main:
+            metrics = evaluate(model, val_ds, class_names, device=device, batch_size=256, progress=not args.no_progress)
+        if world > 1:
+            dist.barrier()
+        synced = ranks_in_sync(model, world)
+        if main:
+            record = {
+                "epoch": epoch + 1,
+                "train_loss": loss_sum / max(seen, 1),
+                "train_acc": correct / max(seen, 1),
+                "val_top1": metrics["top1"],
+                "val_top5": metrics["top5"],
+                "val_loss": metrics["loss"],
+                "lr": scheduler.get_last_lr()[0],
+                "epoch_time_s": round(train_time, 2),
+                "images_per_s": round(seen * world / train_time, 1),
+                "world_size": world,
+                "ranks_in_sync": synced,
+            }
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            log.info("epoch %d: %s", epoch + 1, json.dumps(record))
+            ckpt_metrics = {"top1": metrics["top1"], "top5": metrics["top5"], "val_loss": metrics["loss"]}
+            meta = checkpoint_metadata(
+                model,
+                variant=args.variant,
+                class_names=class_names,
+                train_args=train_args,
+                epoch=epoch + 1,
+                metrics=ckpt_metrics,
+            )
+            save_checkpoint(model, out / "last", meta)
+            if metrics["top1"] > best["top1"]:
+                best = {"top1": metrics["top1"], "epoch": epoch + 1}
+                save_checkpoint(model, out / "best", meta)
+        rngs: list[Any] = [None] * world
+        if world > 1:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        if main:
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler else None,
+                    "epoch": epoch + 1,
+                    "best": best,
+                    "rng": rngs,
+                },
+                state_path.with_suffix(".tmp"),
+            )
+            state_path.with_suffix(".tmp").replace(state_path)
+        if world > 1:
+            dist.barrier()
+    summary = {
+        "epochs_run": stop - start_epoch,
+        "best_top1": best.get("top1"),
+        "best_epoch": best.get("epoch"),
+        "last": record,
+        "wall_time_s": round(time.time() - t_run, 1),
+        "out": str(out),
+    }
+    if main:
+        print(
+            f"done: {stop} epochs, best top-1 {best.get('top1', 0):.4f} at epoch {best.get('epoch')}, "
+            f"{summary['wall_time_s']:.0f} s, checkpoints in {out}",
+            flush=True,
+        )
+    if world > 1:
+        dist.destroy_process_group()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        train(parse_args(argv))
+    except (CheckpointError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""The trainer really trains: learning, exact resume, DDP ranks in sync, ImageFolder, evaluation."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import DEMO_CHECKPOINT, ROOT
+from PIL import Image
+from safetensors.torch import load_file
+
+from model import get_variant
+from model.data import FASHION_MNIST_DIR, ImageFolderDataset, read_idx
+from model.preprocess import preprocess
+
+TINY = json.dumps(
+    {
+        "embed_dims": [8, 8, 16],
+        "token_dims": [8, 16, 32],
+        "nc_depth": [0, 0, 1],
+        "nc_heads": [1, 1, 2],
+        "nc_groups": [1, 1, 8],
+    }
+)
+needs_fmnist = pytest.mark.skipif(
+    not FASHION_MNIST_DIR.is_dir(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)"
+)
+
+
+def run(args: list[str], *, torchrun: int | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    if torchrun:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={torchrun}",
+            "-m",
+            *args,
+        ]
+    else:
+        cmd = [sys.executable, "-m", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def train_args(out: Path, *extra: str) -> list[str]:
+    return [
+        "model.train",
+        "--out",
+        str(out),
+        "--overrides",
+        TINY,
+        "--no-progress",
+        "--threads",
+        "1",
+        "--train-subset",
+        "2000",
+        "--val-subset",
+        "1000",
+        "--batch-size",
+        "50",
+        "--lr",
+        "3e-3",
+        "--drop-path",
+        "0",
+        *extra,
+    ]
+
+
+def log_records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+@needs_fmnist
+def test_short_run_on_a_subset_learns(tmp_path):
+    run(train_args(tmp_path, "--epochs", "10"))
+    records = log_records(tmp_path)
+    assert len(records) == 10
+    assert records[-1]["val_top1"] >= 0.60, records[-1]
+    meta = json.loads((tmp_path / "best.json").read_text())
+    assert meta["class_names"][0] == "T-shirt/top" and meta["in_chans"] == 1
+    assert meta["preprocessing"]["mean"] == [0.286]
+    assert {"variant", "config", "train_args", "epoch", "metrics", "git_commit"} <= set(meta)
+
+
+@needs_fmnist
+def test_resume_after_a_stop_reproduces_the_uninterrupted_run(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ("--epochs", "2", "--train-subset", "500", "--drop-path", "0.1")
+    run(train_args(straight, *common))
+    run(train_args(resumed, *common, "--stop-after", "1"))
+    assert len(log_records(resumed)) == 1
+    run(train_args(resumed, *common, "--resume"))
+    a, b = load_file(str(straight / "last.safetensors")), load_file(str(resumed / "last.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert np.array_equal(a[key].numpy(), b[key].numpy()), key
+
+
+@needs_fmnist
+def test_two_process_gloo_run_ends_with_identical_weights_on_both_ranks(tmp_path):
+    run(train_args(tmp_path, "--epochs", "1", "--train-subset", "400"), torchrun=2)
+    (record,) = log_records(tmp_path)
+    assert record["world_size"] == 2
+    assert record["ranks_in_sync"] is True
+
+
+def write_image_folder(root: Path) -> None:
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls, value in (("dark", 40), ("light", 210)):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(6):
+                pixels = np.clip(rng.normal(value, 20, (40, 48, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    (root / "train" / "dark" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+
+
+def test_image_folder_skips_a_corrupt_file(tmp_path, caplog):
+    write_image_folder(tmp_path)
+    prep = get_variant("vitae_fmnist").replace(in_chans=3, mean=(0.5,) * 3, std=(0.5,) * 3).preprocessing
+    ds = ImageFolderDataset(tmp_path / "train", prep, train=True)
+    assert ds.classes == ["dark", "light"] and len(ds) == 13
+    items = [ds[i] for i in range(len(ds))]
+    assert sum(item is None for item in items) == 1
+    assert "corrupt.jpg" in caplog.text
+    x, _ = next(item for item in items if item is not None)
+    assert tuple(x.shape) == (3, 32, 32)
+
+
+def test_training_on_an_image_folder_with_a_corrupt_file_completes(tmp_path):
+    write_image_folder(tmp_path / "data")
+    out = tmp_path / "run"
+    overrides = json.dumps({**json.loads(TINY), "in_chans": 3, "mean": [0.5] * 3, "std": [0.5] * 3})
+    run(
+        [
+            "model.train",
+            "--data",
+            str(tmp_path / "data"),
+            "--out",
+            str(out),
+            "--overrides",
+            overrides,
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--no-progress",
+            "--threads",
+            "1",
+        ]
+    )
+    meta = json.loads((out / "best.json").read_text())
+    assert meta["class_names"] == ["dark", "light"] and meta["in_chans"] == 3
+
+
+def test_read_idx_round_trip(tmp_path):
+    data = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    raw = bytes([0, 0, 0x08, 3]) + b"".join(d.to_bytes(4, "big") for d in data.shape) + data.tobytes()
+    (tmp_path / "x-idx3-ubyte").write_bytes(raw)
+    assert np.array_equal(read_idx(tmp_path / "x-idx3-ubyte"), data)
+    (tmp_path / "bad").write_bytes(raw[:-1])
+    with pytest.raises(ValueError, match="header says"):
+        read_idx(tmp_path / "bad")
+
+
+@needs_fmnist
+@pytest.mark.skipif(not DEMO_CHECKPOINT.is_file(), reason="the demo checkpoint is not in this checkout")
+def test_evaluate_json_on_the_shipped_model():
+    proc = run(
+        ["model.evaluate", "--checkpoint", str(DEMO_CHECKPOINT), "--data", "fashion-mnist", "--limit", "2000", "--json"]
+    )
+    result = json.loads(proc.stdout)
+    assert result["n"] == 2000
+    assert 0.9 <= result["top1"] <= result["top5"] <= 1.0
+
+
+def test_fashion_mnist_png_and_array_preprocess_identically():
+    # The samples are PNGs of test images; the trainer sees arrays. Both paths must give the same input.
+    prep = get_variant("vitae_fmnist").preprocessing
+    pixels = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    from_png = preprocess(Image.open(io.BytesIO(buffer.getvalue())), prep)
+    assert np.array_equal(from_png, preprocess(Image.fromarray(pixels), prep))
