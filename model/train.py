@@ -172,6 +172,20 @@ def ranks_in_sync(model: torch.nn.Module, world: int) -> bool:
     return len(set(digests)) == 1
 
 
+def average_buffers(model: torch.nn.Module, world: int) -> None:
+    """Average BatchNorm running statistics over ranks.
+
+    DDP broadcasts buffers before each forward, but every rank then updates them with its own batch,
+    so after the last step they differ; the average is the statistic of the whole global batch.
+    """
+    if world == 1:
+        return
+    for buffer in model.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer)
+            buffer /= world
+
+
 def autocast_for(device: torch.device, amp: str):
     if device.type != "cuda" or amp == "none":
         return nullcontext(), None
@@ -215,6 +229,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         if world > 1
         else model
     )
+    if world > 1:
+        # Same initial weights everywhere (seeded above, broadcast by DDP); different drop-path masks per rank.
+        torch.manual_seed(args.seed + rank)
 
     sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
     loader = DataLoader(
@@ -298,6 +315,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 img_s=f"{seen * world / (time.time() - t0):.0f}",
             )
         train_time = time.time() - t0
+        average_buffers(model, world)
         metrics = None
         if main:
             metrics = evaluate(model, val_ds, class_names, device=device, batch_size=256, progress=not args.no_progress)
