@@ -10,7 +10,7 @@ import math
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import Preprocessing
 
@@ -45,9 +45,14 @@ def decode_image(data: bytes, *, max_pixels: int | None = None, target_size: int
             raise ImageTooLargeError(str(exc)) from exc
         except Image.DecompressionBombWarning as exc:
             raise ImageTooLargeError(str(exc)) from exc
+        except UnidentifiedImageError as exc:
+            raise ImageDecodeError(
+                f"not an image in a known format; accepted formats: {', '.join(ACCEPTED_FORMATS)}"
+            ) from exc
         except Exception as exc:
             raise ImageDecodeError(
-                f"not a decodable image ({exc}); accepted formats: {', '.join(ACCEPTED_FORMATS)}"
+                f"not a decodable image ({type(exc).__name__}: {exc}); "
+                f"accepted formats: {', '.join(ACCEPTED_FORMATS)}"
             ) from exc
     if image.format not in ACCEPTED_FORMATS:
         raise ImageDecodeError(f"image format {image.format} is not accepted; use one of {', '.join(ACCEPTED_FORMATS)}")

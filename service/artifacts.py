@@ -1,0 +1,178 @@
+"""The export stage's output folder, read once: metadata, head weights, and what to serve from it."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file
+
+from model import Preprocessing
+
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+METADATA = "metadata.json"
+
+
+class ArtifactsError(RuntimeError):
+    """The artifacts folder is missing, incomplete or unreadable; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """Everything the service needs from an artifacts folder besides the backend itself."""
+
+    folder: Path
+    metadata: dict[str, Any]
+    name: str
+    version: str
+    class_names: list[str]
+    preprocessing: Preprocessing
+    grid: tuple[int, int]
+    pooling: str
+    head_weight: np.ndarray  # (K, D)
+    head_bias: np.ndarray  # (K,)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def file(self, key: str) -> Path | None:
+        """Path of one of the metadata's `files` entries, or None when the export did not write it."""
+        name = (self.metadata.get("files") or {}).get(key)
+        if not name:
+            return None
+        path = self.folder / name
+        return path if path.exists() else None
+
+    def class_index(self, value: str | int) -> int:
+        """A class given by index or by label -> its index; ValueError says what is accepted."""
+        if isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("-").isdigit()):
+            index = int(value)
+            if not 0 <= index < self.num_classes:
+                raise ValueError(f"class index {index} is out of range 0..{self.num_classes - 1}")
+            return index
+        try:
+            return self.class_names.index(value)
+        except ValueError:
+            raise ValueError(
+                f"unknown class {value!r}; use an index 0..{self.num_classes - 1} or one of: "
+                + ", ".join(self.class_names)
+            ) from None
+
+
+def read_artifacts(folder: str | Path) -> ServedModel:
+    """Read metadata.json and head.safetensors of an export folder (no model is loaded here)."""
+    folder = Path(folder)
+    meta_path = folder / METADATA
+    if not meta_path.is_file():
+        raise ArtifactsError(
+            f"no {METADATA} in {folder.resolve()}; run `python -m export --checkpoint PATH --out {folder}` "
+            "or point VITAE_CHECKPOINT at a checkpoint to export at start"
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+        head = load_file(str(folder / meta["files"]["head"]))
+        preprocessing = Preprocessing.from_dict(meta["preprocessing"])
+        grid_h, grid_w = (int(v) for v in meta["grid"])
+        class_names = [str(c) for c in meta["class_names"]]
+        pooling = str(meta["config"].get("pooling", "mean"))
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        raise ArtifactsError(
+            f"the artifacts in {folder} are incomplete or unreadable ({exc!r}); re-export them"
+        ) from exc
+    weight, bias = head["weight"].astype(np.float32), head["bias"].astype(np.float32)
+    if weight.shape[0] != len(class_names) or bias.shape != (len(class_names),):
+        raise ArtifactsError(
+            f"head.safetensors has {weight.shape[0]} classes but metadata.json names {len(class_names)}; re-export"
+        )
+    return ServedModel(
+        folder=folder,
+        metadata=meta,
+        name=str(meta.get("name") or meta.get("variant") or folder.name),
+        version=str(meta.get("version") or ""),
+        class_names=class_names,
+        preprocessing=preprocessing,
+        grid=(grid_h, grid_w),
+        pooling=pooling,
+        head_weight=weight,
+        head_bias=bias,
+    )
+
+
+def _same_file(a: str | Path | None, b: Path) -> bool:
+    try:
+        return a is not None and Path(a).resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def ensure_artifacts(settings: Settings) -> ServedModel:
+    """Serve `settings.artifacts`, running the export stage first when they are missing or stale.
+
+    The configured checkpoint is exported when the folder has no metadata, or when its artifacts came
+    from that same checkpoint and are stale. Artifacts exported from another checkpoint are served as
+    they are unless VITAE_CHECKPOINT was set explicitly, so a default never overwrites a user's export.
+    """
+    folder, checkpoint = settings.artifacts, settings.checkpoint
+    existing = _read_json(folder / METADATA)
+    exported_from = ((existing or {}).get("checkpoint") or {}).get("path")
+    explicit = "checkpoint" in settings.model_fields_set
+    ours = existing is None or explicit or _same_file(exported_from, checkpoint)
+    if settings.auto_export and ours and checkpoint.is_file():
+        # Keep the options the folder was exported with (int8, precision, ...); a fresh folder gets ours.
+        options = dict((existing or {}).get("settings") or {}, max_batch=settings.max_batch_size)
+        options = {k: options[k] for k in ("max_batch", "precision", "int8_cpu") if k in options}
+        _export_if_needed(checkpoint, folder, options, have_existing=existing is not None)
+    elif existing is None:
+        raise ArtifactsError(
+            f"no artifacts in {folder.resolve()} and no checkpoint at {checkpoint.resolve()} to export; "
+            "set VITAE_ARTIFACTS to an export folder or VITAE_CHECKPOINT to a checkpoint"
+        )
+    return read_artifacts(folder)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _export_if_needed(checkpoint: Path, folder: Path, options: dict[str, Any], have_existing: bool) -> None:
+    import export  # the export stage is only needed when there is something to (re)build
+
+    fresh = export.artifacts_are_fresh(checkpoint, folder, **options)
+    meta = _read_json(folder / METADATA) or {}
+    if fresh and meta.get("files", {}).get("plan") and _has_gpu():
+        # A plan is tied to a GPU and a TensorRT version: rebuild it through the export stage when it moved.
+        from export.tensorrt import plan_matches_this_machine
+
+        fresh, why = plan_matches_this_machine(meta)
+        if not fresh:
+            log.info("the TensorRT plan in %s does not fit this machine (%s): re-exporting", folder, why)
+            options = dict(options, force=True)
+    if fresh:
+        return
+    log.info("artifacts in %s are missing or stale: exporting %s", folder, checkpoint)
+    try:
+        export.export_artifacts(checkpoint, folder, **options)
+    except Exception:
+        if not have_existing:
+            raise
+        log.exception("re-exporting %s failed; serving the artifacts already in %s", checkpoint, folder)
+
+
+def _has_gpu() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False

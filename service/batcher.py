@@ -1,0 +1,226 @@
+"""Dynamic batching: one asyncio queue in, batches out to one worker thread, one answer per job.
+
+A batch is flushed when it holds `max_batch_size` jobs or when its oldest job has waited
+`max_delay_s`. Every submitted job's future is resolved exactly once: with an Outcome, with the
+batch's failure, with DeadlineExceeded, or cancelled by its caller (then it is never computed).
+Nothing here knows about HTTP, images or models: `run_batch` is any function list -> list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+P = TypeVar("P")
+R = TypeVar("R")
+
+_STOP = object()
+
+
+class QueueFullError(RuntimeError):
+    """The queue holds `capacity` jobs; the caller should retry after `retry_after_s`."""
+
+    def __init__(self, capacity: int, retry_after_s: int) -> None:
+        super().__init__(f"the inference queue is full ({capacity} images waiting); retry in {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class ShuttingDownError(RuntimeError):
+    """The batcher is draining for shutdown and takes no new jobs."""
+
+
+class DeadlineExceeded(TimeoutError):
+    """The job's deadline passed before its batch ran; it was not computed."""
+
+
+class BatchFailedError(RuntimeError):
+    """The backend raised while running this job's batch; other batches are unaffected."""
+
+
+@dataclass(frozen=True)
+class Outcome(Generic[R]):
+    result: R
+    queue_s: float  # submit -> batch dispatched
+    inference_s: float  # the batch's run_batch call
+    batch_size: int
+
+
+@dataclass(eq=False)
+class Job(Generic[P]):
+    payload: P
+    future: asyncio.Future
+    deadline: float  # time.monotonic() seconds
+    submitted_at: float = field(default_factory=time.monotonic)
+    state: str = "queued"  # queued (also while its batch fills) -> dispatched | left
+
+
+class Batcher(Generic[P, R]):
+    """Collects jobs into batches for `run_batch`, which runs on this batcher's own worker thread."""
+
+    def __init__(
+        self,
+        run_batch: Callable[[Sequence[P]], Sequence[R]],
+        *,
+        max_batch_size: int,
+        max_delay_s: float,
+        capacity: int,
+        name: str = "model",
+        metrics: Metrics | None = None,
+    ) -> None:
+        if max_batch_size < 1 or capacity < 1 or max_delay_s < 0:
+            raise ValueError("max_batch_size and capacity must be >= 1 and max_delay_s >= 0")
+        self.run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.capacity = capacity
+        self.name = name
+        self.metrics = metrics
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"vitae-{name}")
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._pending = 0  # submitted jobs not yet dispatched nor left
+        self._closing = False
+        self._task: asyncio.Task | None = None
+        self._batch_time_s = max(max_delay_s, 0.01)  # running estimate, for Retry-After
+
+    @property
+    def depth(self) -> int:
+        """Jobs not yet handed to the backend, including those in a filling batch (what the capacity bounds)."""
+        return self._pending
+
+    @property
+    def accepting(self) -> bool:
+        return self._task is not None and not self._closing
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.name}")
+
+    def run_on_worker(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future:
+        """Run a call on the worker thread (warm-up, one-off work) in order with the batches."""
+        return asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def submit(self, payload: P, *, timeout_s: float) -> Job[P]:
+        """Queue one job; await `job.future`. Raises QueueFullError or ShuttingDownError at once."""
+        if not self.accepting:
+            raise ShuttingDownError("the service is shutting down and takes no new requests")
+        if self._pending >= self.capacity:
+            batches_ahead = self._pending / self.max_batch_size + 1
+            raise QueueFullError(self.capacity, max(1, round(batches_ahead * self._batch_time_s + 0.5)))
+        loop = asyncio.get_running_loop()
+        job = Job(payload, loop.create_future(), deadline=time.monotonic() + timeout_s)
+        job.future.add_done_callback(lambda _: self._leave(job, "cancelled"))
+        self._pending += 1
+        self._set_depth()
+        self._queue.put_nowait(job)
+        return job
+
+    async def close(self) -> None:
+        """Stop taking jobs, run every job already queued, then stop the loop and the worker thread."""
+        self._closing = True
+        if self._task is not None:
+            self._queue.put_nowait(_STOP)
+            try:
+                await self._task
+            finally:
+                self._task = None
+        self.executor.shutdown(wait=True)
+
+    def _set_depth(self) -> None:
+        if self.metrics:
+            self.metrics.queue_depth.labels(self.name).set(self._pending)
+
+    def _leave(self, job: Job, reason: str) -> None:
+        """A queued job leaves without being computed (its caller gave up, or its deadline passed)."""
+        if job.state != "queued":
+            return
+        job.state = "left"
+        self._pending -= 1
+        self._set_depth()
+        if self.metrics:
+            self.metrics.dropped.labels(self.name, reason).inc()
+
+    def _alive(self, job: Job) -> bool:
+        """Whether a job still wants computing; drops (once) the cancelled and the expired."""
+        if job.state != "queued":
+            return False
+        if job.future.done():
+            self._leave(job, "cancelled")
+            return False
+        if time.monotonic() >= job.deadline:
+            job.future.set_exception(DeadlineExceeded("the request's deadline passed while it was queued"))
+            self._leave(job, "deadline")
+            return False
+        return True
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        stopping = False
+        while not stopping:
+            item = await self._queue.get()
+            if item is _STOP:
+                break
+            if not self._alive(item):
+                continue
+            batch = [item]
+            # The flush time is anchored at the oldest job's submission, not at when we got to it.
+            flush_at = loop.time() + max(0.0, self.max_delay_s - (time.monotonic() - item.submitted_at))
+            while len(batch) < self.max_batch_size:
+                if self._queue.empty():
+                    remaining = 0.0 if self._closing else flush_at - loop.time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        item = await asyncio.wait_for(self._queue.get(), remaining)
+                    except TimeoutError:
+                        break
+                else:
+                    item = self._queue.get_nowait()
+                if item is _STOP:
+                    stopping = True
+                    break
+                if self._alive(item):
+                    batch.append(item)
+            await self._execute(batch)
+
+    async def _execute(self, batch: list[Job]) -> None:
+        live = [job for job in batch if self._alive(job)]  # a caller may have left while the batch filled
+        if not live:
+            return
+        for job in live:
+            job.state = "dispatched"
+        self._pending -= len(live)
+        self._set_depth()
+        dispatched = time.monotonic()
+        if self.metrics:
+            for job in live:
+                self.metrics.queue_wait.labels(self.name).observe(dispatched - job.submitted_at)
+            self.metrics.batch_size.labels(self.name).observe(len(live))
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(self.executor, self.run_batch, [job.payload for job in live])
+            if len(results) != len(live):
+                raise RuntimeError(f"run_batch returned {len(results)} results for {len(live)} inputs")
+        except Exception as exc:
+            log.exception("batch of %d failed in %s", len(live), self.name)
+            if self.metrics:
+                self.metrics.batch_failures.labels(self.name).inc()
+            for job in live:
+                if not job.future.done():
+                    job.future.set_exception(BatchFailedError(f"inference failed for this batch: {exc}"))
+            return
+        elapsed = time.monotonic() - dispatched
+        self._batch_time_s = 0.8 * self._batch_time_s + 0.2 * elapsed
+        if self.metrics:
+            self.metrics.inference.labels(self.name).observe(elapsed)
+        for job, result in zip(live, results, strict=True):
+            if not job.future.done():
+                job.future.set_result(Outcome(result, dispatched - job.submitted_at, elapsed, len(live)))

@@ -1,0 +1,87 @@
+"""What the batchers run: image bytes -> model input (thread pool), batches -> outputs (worker thread)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from model import Preprocessing
+from model.preprocess import decode_image, preprocess, resize_size
+
+from .artifacts import ServedModel
+from .backends import Backend
+from .gradcam import AutogradGradCAM
+from .postprocess import last_cell_cam
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    pixels: np.ndarray  # float32 (C, S, S), normalised
+    original: Image.Image | None  # kept only when a CAM overlay will be drawn on it
+
+
+def prepare_image(data: bytes, prep: Preprocessing, *, max_pixels: int, keep_original: bool) -> PreparedImage:
+    """Bytes -> model input through model.preprocess, the functions the trainer's evaluation uses.
+
+    Large JPEGs decode in draft mode at about the model's size; when a CAM overlay is wanted the
+    full-size image is decoded as well, so that the overlay has the original's size while the model
+    input (and so the logits) do not depend on whether a CAM was asked for.
+    Raises model.preprocess.ImageDecodeError / ImageTooLargeError.
+    """
+    image = decode_image(data, max_pixels=max_pixels, target_size=resize_size(prep))
+    pixels = preprocess(image, prep)
+    original = None
+    if keep_original:
+        original = decode_image(data, max_pixels=max_pixels) if data.startswith(JPEG_MAGIC) else image
+    return PreparedImage(pixels, original)
+
+
+@dataclass(frozen=True)
+class ClassifyInput:
+    pixels: np.ndarray  # (C, S, S)
+    cam: bool  # compute the last-cell CAM from the backend's tokens
+    cam_class: int | None  # None: the image's top-1 class
+
+
+@dataclass(frozen=True)
+class ClassifyOutput:
+    logits: np.ndarray  # (K,)
+    cam_class: int | None
+    cam_raw: np.ndarray | None  # (h, w), before ReLU
+
+
+def classify_batch(backend: Backend, served: ServedModel, inputs: Sequence[ClassifyInput]) -> list[ClassifyOutput]:
+    """One backend call for the batch; last-cell CAMs for the images that asked, each for its own class."""
+    images = np.stack([item.pixels for item in inputs])  # (B, C, S, S)
+    logits, tokens = backend.infer(images)  # (B, K), (B, N, D)
+    want = [i for i, item in enumerate(inputs) if item.cam]
+    targets = {i: inputs[i].cam_class if inputs[i].cam_class is not None else int(np.argmax(logits[i])) for i in want}
+    maps = {}
+    if want:
+        raw = last_cell_cam(tokens[want], served.head_weight, np.array([targets[i] for i in want]), served.grid)
+        maps = dict(zip(want, raw, strict=True))
+    return [ClassifyOutput(logits[i], targets.get(i), maps.get(i)) for i in range(len(inputs))]
+
+
+@dataclass(frozen=True)
+class GradCAMInput:
+    pixels: np.ndarray  # (C, S, S)
+    cam_class: int
+    layer: int  # index into gradcam.cells(model)
+
+
+def gradcam_batch(explainer: AutogradGradCAM, inputs: Sequence[GradCAMInput]) -> list[np.ndarray]:
+    """Raw autograd Grad-CAM maps, one backward per distinct layer in the batch (usually one)."""
+    out: list[np.ndarray | None] = [None] * len(inputs)
+    for layer in sorted({item.layer for item in inputs}):
+        rows = [i for i, item in enumerate(inputs) if item.layer == layer]
+        images = np.stack([inputs[i].pixels for i in rows])
+        _, raw = explainer(images, [inputs[i].cam_class for i in rows], layer)
+        for i, grid in zip(rows, raw, strict=True):
+            out[i] = grid
+    return out

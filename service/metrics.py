@@ -1,0 +1,52 @@
+"""Prometheus metrics on a registry owned by one app, so that tests can build several apps side by side."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "vitae_requests",
+            "HTTP requests by route, method and status code",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "vitae_request_latency_seconds",
+            "HTTP request latency by route",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "vitae_queue_wait_seconds",
+            "Time an image waited in the batch queue",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "vitae_batch_size", "Images per batch sent to the backend", ["model"], buckets=BATCH_BUCKETS, registry=r
+        )
+        self.inference = Histogram(
+            "vitae_inference_seconds", "Backend time per batch", ["model"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge("vitae_queue_depth", "Images waiting for a batch", ["model"], registry=r)
+        self.dropped = Counter(
+            "vitae_dropped_images", "Queued images never computed, by reason", ["model", "reason"], registry=r
+        )
+        self.batch_failures = Counter(
+            "vitae_batch_failures", "Batches whose backend call raised", ["model"], registry=r
+        )
+        self.backend = Gauge("vitae_backend_info", "The backend in use (value 1)", ["backend", "device"], registry=r)
+        self.ready = Gauge("vitae_ready", "1 once the model is loaded and warmed up", registry=r)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,71 @@
+"""Response bodies of the HTTP API (they also document it under /docs)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+
+
+class PredictionOut(BaseModel):
+    index: int
+    label: str
+    score: float = Field(description="softmax probability")
+
+
+class CamOut(BaseModel):
+    class_index: int
+    label: str
+    grid: list[list[float]] = Field(description="the raw map on the cell's token grid (h x w), ReLU'd, min-max 0..1")
+    width: int = Field(description="width of the PNGs: the original image's")
+    height: int = Field(description="height of the PNGs: the original image's")
+    heatmap_png: str = Field(description="base64 PNG, colour-mapped heatmap at the original size")
+    overlay_png: str = Field(description="base64 PNG, heatmap blended over the original image")
+
+
+class TimingOut(BaseModel):
+    queue: float = Field(description="ms waiting for a batch")
+    inference: float = Field(description="ms of the batch's backend call (and the CAM's, when asked)")
+    total: float = Field(description="ms from the request's arrival to this answer")
+
+
+class ClassifyResult(BaseModel):
+    model: ModelInfo
+    predictions: list[PredictionOut]
+    cam: CamOut | None = Field(None, description="only when cam=true")
+    timing_ms: TimingOut
+
+
+class ErrorOut(BaseModel):
+    status: int
+    detail: str
+
+
+class ItemError(BaseModel):
+    error: ErrorOut = Field(description="this image alone failed (bad or too large image); the others are answered")
+
+
+class BatchResult(BaseModel):
+    results: list[ClassifyResult | ItemError] = Field(description="one entry per file part, in the order sent")
+
+
+EXAMPLE_RESULT = {
+    "model": {"name": "vitae_fmnist", "version": "1"},
+    "predictions": [
+        {"index": 9, "label": "Ankle boot", "score": 0.962},
+        {"index": 7, "label": "Sneaker", "score": 0.031},
+    ],
+    "cam": {
+        "class_index": 9,
+        "label": "Ankle boot",
+        "grid": [[0.0, 0.12, 0.4, 0.1], [0.05, 0.6, 1.0, 0.3], [0.1, 0.7, 0.9, 0.2], [0.0, 0.1, 0.2, 0.0]],
+        "width": 28,
+        "height": 28,
+        "heatmap_png": "iVBORw0KGgo...",
+        "overlay_png": "iVBORw0KGgo...",
+    },
+    "timing_ms": {"queue": 2.1, "inference": 3.4, "total": 7.9},
+}

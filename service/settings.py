@@ -1,0 +1,69 @@
+"""Service configuration: one pydantic-settings class read from `VITAE_*` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+Backend = Literal["auto", "tensorrt", "onnxruntime", "torch"]
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; each field is read from `VITAE_<NAME>` (case-insensitive)."""
+
+    model_config = SettingsConfigDict(env_prefix="VITAE_", case_sensitive=False, extra="ignore")
+
+    artifacts: Path = Field(Path("artifacts"), description="Export output folder to serve (metadata.json, model.onnx).")
+    checkpoint: Path = Field(
+        Path("demo/model/vitae_fmnist.safetensors"),
+        description="Checkpoint exported into `artifacts` at start when the artifacts are missing or stale.",
+    )
+    auto_export: bool = Field(True, description="Run the export stage at start when artifacts are missing or stale.")
+    backend: Backend = Field("auto", description="Inference backend: auto picks the fastest available one.")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    int8_cpu: bool = Field(True, description="On CPU, serve model_int8.onnx when the export kept one.")
+    max_batch_size: int = Field(32, ge=1, le=4096, description="Largest batch the batcher sends to the backend.")
+    max_delay_ms: float = Field(
+        5.0, ge=0, description="Longest time the oldest queued request waits for a batch to fill, in ms."
+    )
+    queue_capacity: int = Field(1024, ge=1, description="Queued images beyond which requests get 503 + Retry-After.")
+    request_timeout_s: float = Field(30.0, gt=0, description="Deadline per request; past it the answer is 504.")
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest request body accepted (else 413).")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="Largest decoded image, width x height (else 413).")
+    max_files: int = Field(64, ge=1, description="Most images in one multipart request.")
+    api_key: SecretStr | None = Field(
+        None, description="When set, requests need `Authorization: Bearer <key>` or `X-API-Key: <key>`."
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated origins allowed by CORS; empty (default) disables CORS."
+    )
+    threads: int = Field(0, ge=0, description="Backend intra-op threads; 0 lets the backend decide (all cores).")
+    preprocess_threads: int = Field(0, ge=0, description="Decode/preprocess thread pool size; 0 = min(4, cores).")
+    host: str = Field("0.0.0.0", description="Address uvicorn binds.")
+    port: int = Field(8000, ge=1, le=65535, description="Port uvicorn binds.")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="Log level.")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+
+def get_settings(**overrides: object) -> Settings:
+    """Read the environment now (never at import); keyword overrides win over the environment."""
+    return Settings(**overrides)

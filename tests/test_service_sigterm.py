@@ -1,0 +1,78 @@
+"""SIGTERM on a real `python -m service` process: stop accepting, answer everything queued, exit 0."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from test_service_support import exported, free_port, metric, sample_images
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_sigterm_drains_queued_requests_then_exits(tiny_checkpoint, tmp_path):
+    port = free_port()
+    env = os.environ | {
+        "VITAE_ARTIFACTS": str(exported(tiny_checkpoint)),
+        "VITAE_AUTO_EXPORT": "false",
+        "VITAE_BACKEND": "onnxruntime",
+        "VITAE_HOST": "127.0.0.1",
+        "VITAE_PORT": str(port),
+        "VITAE_MAX_BATCH_SIZE": "64",
+        "VITAE_MAX_DELAY_MS": "1500",  # requests sit in the queue long enough to be caught by the signal
+        "VITAE_THREADS": "1",
+    }
+    log = (tmp_path / "service.log").open("w+")
+    process = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert process.poll() is None, "the service exited during start-up"
+            try:
+                if httpx.get(f"{url}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the service did not become ready"
+            time.sleep(0.1)
+
+        images = sample_images(8)
+        responses: list[httpx.Response | Exception] = [None] * len(images)
+
+        def send(i: int) -> None:
+            try:
+                files = [("file", ("i.png", images[i], "image/png"))]
+                responses[i] = httpx.post(f"{url}/classify", files=files, timeout=30)
+            except Exception as exc:  # recorded, asserted below
+                responses[i] = exc
+
+        senders = [threading.Thread(target=send, args=(i,)) for i in range(len(images))]
+        for sender in senders:
+            sender.start()
+        while metric(httpx.get(f"{url}/metrics").text, "vitae_queue_depth", model="classify") < len(images):
+            time.sleep(0.01)
+
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{url}/healthz", timeout=2)  # no new connections once draining
+        for sender in senders:
+            sender.join(timeout=30)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert all(isinstance(r, httpx.Response) and r.status_code == 200 for r in responses), responses
+    assert all(r.json()["predictions"] for r in responses)
+    log.seek(0)
+    assert "stopped" in log.read()
