@@ -1,0 +1,63 @@
+"""`python -m export`: rebuild the serving artifacts from a checkpoint (see `export_artifacts`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from model import VARIANTS
+
+from .pipeline import PRECISIONS, export_artifacts
+
+DEFAULT_CHECKPOINT = "demo/model/vitae_fmnist.safetensors"
+DEFAULT_OUT = "artifacts"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__)
+    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="project checkpoint or released weights")
+    parser.add_argument("--variant", choices=sorted(VARIANTS), help="architecture of a released weights file")
+    parser.add_argument("--num-classes", type=int, help="classes of a released weights file (default 1000)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="artifacts folder (the service's default)")
+    parser.add_argument("--max-batch", type=int, default=32, help="largest batch the artifacts must serve")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp16", help="TensorRT engine precision")
+    parser.add_argument("--int8-cpu", action="store_true", help="also try an ONNX Runtime int8 model")
+    parser.add_argument("--triton-repo", help="also write a Triton model repository here")
+    parser.add_argument("--force", action="store_true", help="rebuild even when the artifacts are current")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        meta = export_artifacts(
+            args.checkpoint,
+            args.out,
+            variant=args.variant,
+            num_classes=args.num_classes,
+            max_batch=args.max_batch,
+            precision=args.precision,
+            int8_cpu=args.int8_cpu,
+            triton_repo=args.triton_repo,
+            force=args.force,
+        )
+    # CheckpointError and GraphCheckError are ValueErrors, ParityError a RuntimeError.
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"export failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"{meta['name']} {meta['version']}: {', '.join(meta['files'].values())} in {args.out}")
+    int8 = meta.get("int8")
+    if int8:
+        print(
+            f"int8 {'kept' if int8['kept'] else 'discarded'} ({int8['reason']}): "
+            f"{int8['int8_images_per_s']} vs fp32 {int8['fp32_images_per_s']} images/s, "
+            f"top-1 {int8['int8_top1']} vs fp32 {int8['fp32_top1']}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

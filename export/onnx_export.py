@@ -1,0 +1,79 @@
+"""PyTorch -> ONNX: the serving wrapper, the exporter call, and the tidying of its graph."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from model import ViTAE
+
+from .graph import set_output_shape, tidy
+
+log = logging.getLogger(__name__)
+
+# Opset 20 is the first with the `Gelu` op, so each PRM branch is Conv -> Gelu instead of an Erf/Mul/Add
+# chain; ONNX Runtime runs it natively and the TensorRT 10.x and 11.x ONNX parsers import it.
+OPSET = 20
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("logits", "tokens")
+
+
+class ServingModel(nn.Module):
+    """Images -> (logits, last-cell tokens): one pass gives the classes and what Grad-CAM needs."""
+
+    def __init__(self, model: ViTAE) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.model.forward_features(images)  # (B, N, C)
+        return self.model.forward_head(tokens), tokens  # (B, K), (B, N, C)
+
+
+def token_count(model: ViTAE) -> int:
+    cfg = model.config
+    return cfg.grid_size**2 + (1 if cfg.pooling == "cls" else 0)
+
+
+def export_onnx(model: ViTAE, path: Path, *, opset: int = OPSET, tidy_graph: bool = True) -> onnx.ModelProto:
+    """Export `model` (already folded, eval mode) to one self-contained ONNX file with a dynamic batch.
+
+    Uses the TorchScript-based exporter (`dynamo=False`): at opset 20 it maps `nn.GELU` to `Gelu`, keeps the
+    PRM's single channel Concat followed by its flatten, and needs no onnxscript. Its leftovers (shape
+    arithmetic for the batch-preserving Reshapes, shared-initializer Identities, no-op Casts) are removed
+    by `graph.tidy`.
+    """
+    cfg = model.config
+    example = torch.zeros(2, cfg.in_chans, cfg.img_size, cfg.img_size)
+    batch = {0: "batch"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is deprecated, not gone
+        # Shape-dependent Python (grid side, position table) is traced as constants: right, since only the
+        # batch dimension is dynamic; the parity check proves it at two batch sizes.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(
+            ServingModel(model).eval(),
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes={INPUT_NAME: batch, **{name: batch for name in OUTPUT_NAMES}},
+            do_constant_folding=True,
+        )
+    graph = onnx.load(str(path))
+    if tidy_graph:
+        report = tidy(graph)
+        log.info("tidied the graph: %s", ", ".join(f"{k}={v}" for k, v in report.items()))
+    set_output_shape(graph, "logits", ["batch", cfg.num_classes])
+    set_output_shape(graph, "tokens", ["batch", token_count(model), cfg.embed_dim])
+    graph.producer_name = "vitae-serve export"
+    onnx.checker.check_model(graph, full_check=True)
+    onnx.save(graph, str(path))
+    return graph
