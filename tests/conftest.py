@@ -9,24 +9,14 @@ import torch
 
 from model import create_model
 from model.checkpoint import checkpoint_metadata, save_checkpoint
+from model.data import FASHION_MNIST_CLASSES
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_REFERENCE = ROOT.parent / "shared" / "reference"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 DEMO_CHECKPOINT = ROOT / "demo" / "model" / "vitae_fmnist.safetensors"
 SAMPLES = ROOT / "demo" / "samples"
-FASHION_CLASSES = [
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-]
+FASHION_CLASSES = FASHION_MNIST_CLASSES
 
 
 def tiny_model(in_chans: int = 1, num_classes: int = 10, seed: int = 0):
