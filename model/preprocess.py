@@ -102,11 +102,16 @@ def resize_and_crop(image: Image.Image, prep: Preprocessing) -> Image.Image:
         new_w, new_h = short, max(1, round(height * short / width))
     else:
         new_w, new_h = max(1, round(width * short / height)), short
-    if (new_w, new_h) != (width, height):
-        image = image.resize((new_w, new_h), RESAMPLE[prep.interpolation])
     left = (new_w - prep.img_size) // 2
     top = (new_h - prep.img_size) // 2
-    return image.crop((left, top, left + prep.img_size, top + prep.img_size))
+    if (new_w, new_h) == (width, height):
+        return image.crop((left, top, left + prep.img_size, top + prep.img_size))
+    # Resample only the crop: the source box that maps onto it gives the same pixels as resizing the whole
+    # image and cropping (same scale, same sample positions, filter support reaching outside the box),
+    # for about half the work on photos.
+    sx, sy = width / new_w, height / new_h
+    box = (left * sx, top * sy, (left + prep.img_size) * sx, (top + prep.img_size) * sy)
+    return image.resize((prep.img_size, prep.img_size), RESAMPLE[prep.interpolation], box=box)
 
 
 def normalize(pixels: np.ndarray, prep: Preprocessing) -> np.ndarray:
