@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 FMNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data serve test test-all lint export train-demo evaluate-demo bench bench-export bench-service
+.PHONY: setup data serve test test-gpu lint export train-demo evaluate-demo bench bench-export bench-service
 
 setup: $(VENV)/.installed
 
@@ -32,10 +32,6 @@ serve: setup
 test: setup data
 	$(BIN)/python -m pytest -q
 
-# Everything, including the slow checks kept out of the default run.
-test-all: setup data
-	$(BIN)/python -m pytest -q -m ''
-
 lint: setup
 	$(BIN)/ruff check .
 
@@ -59,3 +55,10 @@ bench-export: setup
 
 bench-service: setup
 	$(BIN)/python benchmarks/bench_service.py
+
+# On a GPU machine (with a CUDA build of torch): swap in the GPU runtimes and run the TensorRT/CUDA tests,
+# which skip elsewhere. onnxruntime-gpu installs the same module as onnxruntime, so the CPU one goes first.
+test-gpu: setup
+	$(BIN)/pip uninstall --quiet -y onnxruntime
+	$(BIN)/pip install --quiet 'onnxruntime-gpu>=1.20' 'tensorrt>=10.0'
+	$(BIN)/python -m pytest -q -rs -m gpu
