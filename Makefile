@@ -29,8 +29,9 @@ $(FMNIST)/t10k-images-idx3-ubyte.gz:
 serve: setup
 	$(BIN)/python -m service
 
+# The venv's tools (hadolint) on PATH, as an activated venv would have them.
 test: setup data
-	$(BIN)/python -m pytest -q
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
 
 lint: setup
 	$(BIN)/ruff check .
