@@ -36,8 +36,13 @@ def plain_export(model: torch.nn.Module, path: Path, example: torch.Tensor) -> N
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            ServingModel(model).eval(), (example,), str(path), dynamo=False, input_names=["images"],
-            output_names=["logits", "tokens"], dynamic_axes={"images": {0: "batch"}},
+            ServingModel(model).eval(),
+            (example,),
+            str(path),
+            dynamo=False,
+            input_names=["images"],
+            output_names=["logits", "tokens"],
+            dynamic_axes={"images": {0: "batch"}},
         )
 
 

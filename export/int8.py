@@ -47,7 +47,10 @@ def quantize(fp32_path: Path, int8_path: Path) -> None:
     root.setLevel(max(level, logging.WARNING))
     try:
         quantize_dynamic(
-            str(fp32_path), str(int8_path), op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
+            str(fp32_path),
+            str(int8_path),
+            op_types_to_quantize=["MatMul", "Gemm"],
+            per_channel=True,
             weight_type=QuantType.QInt8,
         )
     finally:
@@ -119,4 +122,3 @@ def evaluate_int8(
         int8_top1=None if int8_acc is None else round(int8_acc, 2),
         eval_images=0 if test is None else len(test[1]),
     )
-

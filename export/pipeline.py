@@ -232,14 +232,22 @@ def _build(
         with step("int8 CPU model"):
             quantize(staging / ONNX, staging / ONNX_INT8)
             report = evaluate_int8(
-                staging / ONNX, staging / ONNX_INT8, cfg.preprocessing, num_classes=cfg.num_classes,
+                staging / ONNX,
+                staging / ONNX_INT8,
+                cfg.preprocessing,
+                num_classes=cfg.num_classes,
                 speed_batch=images,
             )
             int8 = dataclasses.asdict(report)
             log.info(
                 "int8: %.1f vs fp32 %.1f images/s; top-1 int8 %s vs fp32 %s on %d test images -> %s (%s)",
-                report.int8_images_per_s, report.fp32_images_per_s, report.int8_top1, report.fp32_top1,
-                report.eval_images, "kept" if report.kept else "discarded", report.reason,
+                report.int8_images_per_s,
+                report.fp32_images_per_s,
+                report.int8_top1,
+                report.fp32_top1,
+                report.eval_images,
+                "kept" if report.kept else "discarded",
+                report.reason,
             )
             if report.kept:
                 files["onnx_int8"] = ONNX_INT8
@@ -353,4 +361,3 @@ def _install_triton(out: Path, meta: dict[str, Any], repo: Path) -> None:
             _replace_dir(staging / MODEL_NAME, repo / MODEL_NAME)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-

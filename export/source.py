@@ -68,4 +68,3 @@ def load_source(checkpoint: Path, *, variant: str | None = None, num_classes: in
     return Source(
         model.eval(), name=variant, variant=variant, class_names=[f"class_{i}" for i in range(classes)], released=True
     )
-

@@ -96,8 +96,11 @@ def plan_matches_this_machine(metadata: dict[str, Any]) -> tuple[bool, str]:
     here = this_machine()
     if here is None:
         return False, unavailable_reason() or "no TensorRT here"
-    for key, label in (("version", "TensorRT version"), ("compute_capability", "compute capability"),
-                       ("gpu_name", "GPU")):
+    for key, label in (
+        ("version", "TensorRT version"),
+        ("compute_capability", "compute capability"),
+        ("gpu_name", "GPU"),
+    ):
         if str(built.get(key)) != str(here[key]):
             return False, f"the plan was built for {label} {built.get(key)}, this machine has {here[key]}"
     return True, f"plan built for {here['gpu_name']} (sm {here['compute_capability']}), TensorRT {here['version']}"

@@ -30,6 +30,15 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "VARIANTS", "CheckpointError", "Preprocessing", "ViTAE", "ViTAEConfig", "checkpoint_filter_fn",
-    "config_from_official", "create_model", "get_variant", "load_weights", "read_state_dict",
+    "VARIANTS",
+    "CheckpointError",
+    "Preprocessing",
+    "ViTAE",
+    "ViTAEConfig",
+    "checkpoint_filter_fn",
+    "config_from_official",
+    "create_model",
+    "get_variant",
+    "load_weights",
+    "read_state_dict",
 ]

@@ -51,8 +51,7 @@ def decode_image(data: bytes, *, max_pixels: int | None = None, target_size: int
             ) from exc
         except Exception as exc:
             raise ImageDecodeError(
-                f"not a decodable image ({type(exc).__name__}: {exc}); "
-                f"accepted formats: {', '.join(ACCEPTED_FORMATS)}"
+                f"not a decodable image ({type(exc).__name__}: {exc}); accepted formats: {', '.join(ACCEPTED_FORMATS)}"
             ) from exc
     if image.format not in ACCEPTED_FORMATS:
         raise ImageDecodeError(f"image format {image.format} is not accepted; use one of {', '.join(ACCEPTED_FORMATS)}")

@@ -32,8 +32,23 @@ from model.checkpoint import load_checkpoint
 
 MAX_BATCH = 4
 METADATA_KEYS = {
-    "format", "name", "version", "variant", "config", "class_names", "preprocessing", "grid", "inputs", "outputs",
-    "files", "checkpoint", "settings", "parity", "tensorrt", "versions", "exported_at",
+    "format",
+    "name",
+    "version",
+    "variant",
+    "config",
+    "class_names",
+    "preprocessing",
+    "grid",
+    "inputs",
+    "outputs",
+    "files",
+    "checkpoint",
+    "settings",
+    "parity",
+    "tensorrt",
+    "versions",
+    "exported_at",
 }
 
 
@@ -79,8 +94,12 @@ def test_onnx_is_self_contained_with_a_dynamic_batch(tiny_export):
     out, _, _ = tiny_export
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
     assert not any(init.data_location == TensorProto.EXTERNAL for init in graph.graph.initializer)
-    assert sorted(p.name for p in out.iterdir()) == ["head.safetensors", "metadata.json", "model.onnx",
-                                                     "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "head.safetensors",
+        "metadata.json",
+        "model.onnx",
+        "model.safetensors",
+    ]
     assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     assert graph.opset_import[0].version == 20
 
@@ -140,7 +159,9 @@ def test_prm_check_rejects_a_concat_that_is_not_on_channels():
 
     nodes = conv_gelu(0) + conv_gelu(1) + [helper.make_node("Concat", ["g0", "g1"], ["y"], name="cat", axis=2)]
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         [helper.make_tensor(f"w{i}", TensorProto.FLOAT, [1, 1, 1, 1], [1.0]) for i in range(2)],
     )
@@ -246,8 +267,9 @@ def test_triton_config_agrees_with_the_onnx_model(tiny_export):
     assert triton_io(config.output) == onnx_io(graph.output)
 
 
-def test_int8_cpu_reports_both_figures_and_keeps_the_model_only_when_it_qualifies(tiny_checkpoint, tmp_path,
-                                                                                   monkeypatch):
+def test_int8_cpu_reports_both_figures_and_keeps_the_model_only_when_it_qualifies(
+    tiny_checkpoint, tmp_path, monkeypatch
+):
     test_set = fashion_mnist_test()
     if test_set is not None:  # the first 2000 test images keep this test quick; the CLI evaluates all 10000
         monkeypatch.setattr(export.int8, "fashion_mnist_test", lambda: (test_set[0][:2000], test_set[1][:2000]))
@@ -275,8 +297,9 @@ def test_plan_check_refuses_artifacts_without_a_matching_plan():
 
 @pytest.mark.skipif(not (SHARED_REFERENCE / "vitae_t_official.safetensors").is_file(), reason="no shared reference")
 def test_released_vitae_t_exports_and_matches_the_release(tmp_path):
-    meta = export_artifacts(SHARED_REFERENCE / "vitae_t_official.safetensors", tmp_path / "out", variant="vitae_t",
-                            max_batch=2)
+    meta = export_artifacts(
+        SHARED_REFERENCE / "vitae_t_official.safetensors", tmp_path / "out", variant="vitae_t", max_batch=2
+    )
     assert meta["name"] == meta["variant"] == "vitae_t"
     assert meta["class_names"][:2] == ["class_0", "class_1"] and len(meta["class_names"]) == 1000
     assert meta["grid"] == [14, 14]
@@ -297,14 +320,23 @@ def test_demo_checkpoint_exports(tmp_path):
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "export", *args], capture_output=True, text=True, cwd=ROOT, env=env,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "export", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300
+    )
 
 
 def test_cli_exports_then_finds_nothing_to_do(tiny_checkpoint, tmp_path):
     out = tmp_path / "cli"
-    done = run_cli("--checkpoint", str(tiny_checkpoint), "--out", str(out), "--max-batch", "2",
-                   "--triton-repo", str(tmp_path / "triton"))
+    done = run_cli(
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--out",
+        str(out),
+        "--max-batch",
+        "2",
+        "--triton-repo",
+        str(tmp_path / "triton"),
+    )
     assert done.returncode == 0, done.stderr
     assert "vitae_fmnist" in done.stdout and (out / "model.onnx").is_file()
     assert "parity ONNX Runtime vs PyTorch" in done.stderr and "done in" in done.stderr

@@ -199,9 +199,28 @@ def test_fine_tuning_from_a_checkpoint_replaces_the_head_for_a_new_class_count(t
     write_image_folder(tmp_path / "data")
     out = tmp_path / "run"
     overrides = json.dumps({**json.loads(TINY), "in_chans": 3, "mean": [0.5] * 3, "std": [0.5] * 3})
-    run(["model.train", "--data", str(tmp_path / "data"), "--out", str(out), "--overrides", overrides,
-         "--init", str(tiny_rgb_checkpoint), "--epochs", "1", "--batch-size", "4", "--lr", "1e-9",
-         "--no-progress", "--threads", "1"])
+    run(
+        [
+            "model.train",
+            "--data",
+            str(tmp_path / "data"),
+            "--out",
+            str(out),
+            "--overrides",
+            overrides,
+            "--init",
+            str(tiny_rgb_checkpoint),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--lr",
+            "1e-9",
+            "--no-progress",
+            "--threads",
+            "1",
+        ]
+    )
     start, tuned = load_file(str(tiny_rgb_checkpoint)), load_file(str(out / "last.safetensors"))
     assert start["head.weight"].shape == (5, 32) and tuned["head.weight"].shape == (2, 32)
     # The body came from the checkpoint (a learning rate of 1e-9 leaves it where it started).
