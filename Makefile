@@ -41,7 +41,7 @@ export: setup
 
 # The shipped demo model: trained on this 2-core CPU machine, then copied to demo/model/.
 train-demo: setup data
-	$(BIN)/python -m model.train --variant vitae_fmnist --data fashion-mnist --epochs 15 --out runs/vitae_fmnist --seed 0
+	$(BIN)/python -m model.train --variant vitae_fmnist --data fashion-mnist --epochs 20 --out runs/vitae_fmnist --seed 0
 	mkdir -p demo/model
 	cp runs/vitae_fmnist/best.safetensors demo/model/vitae_fmnist.safetensors
 	cp runs/vitae_fmnist/best.json demo/model/vitae_fmnist.json
