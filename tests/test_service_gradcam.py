@@ -145,25 +145,31 @@ def import_pytorch_grad_cam():
     return module
 
 
-def test_last_cell_cam_equals_pytorch_grad_cam(served, images, backend_outputs):
-    pgc = import_pytorch_grad_cam()
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
-    model = fresh_model(served)  # grad-cam needs trainable parameters: its own copy
-    h, w = served.grid
+def grid_gradcam(pgc, model, layer, grid: tuple[int, int]):
+    """pytorch-grad-cam's GradCAM on a token layer, asked for maps at the token grid's own size."""
+    h, w = grid
 
     def tokens_to_maps(tokens: torch.Tensor) -> torch.Tensor:
         B, N, C = tokens.shape
         return tokens.transpose(1, 2).reshape(B, C, h, w)  # (B, C, h, w)
 
     class GridGradCAM(pgc.GradCAM):
-        # Ask for the map at the grid's own size, so the comparison is on the grid and not after a resize.
+        # The map at the grid's own size, so the comparison is on the grid and not after a resize.
         def get_target_width_height(self, input_tensor):
             return w, h
 
+    return GridGradCAM(model, target_layers=[layer], reshape_transform=tokens_to_maps)
+
+
+def test_last_cell_cam_equals_pytorch_grad_cam(served, images, backend_outputs):
+    pgc = import_pytorch_grad_cam()
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model = fresh_model(served)  # grad-cam needs trainable parameters: its own copy
+
     logits, tokens = backend_outputs
     targets = [int(t) for t in logits.argmax(axis=1)]
-    with GridGradCAM(model, target_layers=[model.layers[2].NC[-1]], reshape_transform=tokens_to_maps) as cam:
+    with grid_gradcam(pgc, model, model.layers[2].NC[-1], served.grid) as cam:
         theirs = cam(torch.from_numpy(images), targets=[ClassifierOutputTarget(t) for t in targets])  # (B, h, w)
     ours = normalize_cam(last_cell_cam(tokens, served.head_weight, np.array(targets), served.grid))
     assert theirs.shape == ours.shape
@@ -177,18 +183,9 @@ def test_autograd_gradcam_at_an_earlier_cell_equals_pytorch_grad_cam(served, ima
     model = fresh_model(served)
     explainer = AutogradGradCAM(fresh_model(served))
     cell = explainer.cells[0]  # layers.0.RC, a 16x16 grid
-    h, w = cell.grid
-
-    def tokens_to_maps(tokens: torch.Tensor) -> torch.Tensor:
-        B, N, C = tokens.shape
-        return tokens.transpose(1, 2).reshape(B, C, h, w)  # (B, C, h, w)
-
-    class GridGradCAM(pgc.GradCAM):
-        def get_target_width_height(self, input_tensor):
-            return w, h
 
     targets = [2, 5, 7, 0, 1, 9]
-    with GridGradCAM(model, target_layers=[model.layers[0].RC], reshape_transform=tokens_to_maps) as cam:
+    with grid_gradcam(pgc, model, model.layers[0].RC, cell.grid) as cam:
         theirs = cam(torch.from_numpy(images), targets=[ClassifierOutputTarget(t) for t in targets])
     _, raw = explainer(images, targets, layer=0)
     assert np.abs(theirs - normalize_cam(raw)).max() <= 1e-4

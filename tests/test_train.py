@@ -138,28 +138,18 @@ def test_image_folder_skips_a_corrupt_file(tmp_path, caplog):
     assert tuple(x.shape) == (3, 32, 32)
 
 
-def test_training_on_an_image_folder_with_a_corrupt_file_completes(tmp_path):
+def train_on_image_folder(tmp_path: Path, *extra: str) -> Path:
+    """One epoch of the tiny RGB model on the two-class folder written by write_image_folder."""
     write_image_folder(tmp_path / "data")
     out = tmp_path / "run"
     overrides = json.dumps({**json.loads(TINY), "in_chans": 3, "mean": [0.5] * 3, "std": [0.5] * 3})
-    run(
-        [
-            "model.train",
-            "--data",
-            str(tmp_path / "data"),
-            "--out",
-            str(out),
-            "--overrides",
-            overrides,
-            "--epochs",
-            "1",
-            "--batch-size",
-            "4",
-            "--no-progress",
-            "--threads",
-            "1",
-        ]
-    )
+    run(["model.train", "--data", str(tmp_path / "data"), "--out", str(out), "--overrides", overrides,
+         "--epochs", "1", "--batch-size", "4", "--no-progress", "--threads", "1", *extra])  # fmt: skip
+    return out
+
+
+def test_training_on_an_image_folder_with_a_corrupt_file_completes(tmp_path):
+    out = train_on_image_folder(tmp_path)
     meta = json.loads((out / "best.json").read_text())
     assert meta["class_names"] == ["dark", "light"] and meta["in_chans"] == 3
 
@@ -196,31 +186,7 @@ def test_fashion_mnist_png_and_array_preprocess_identically():
 
 
 def test_fine_tuning_from_a_checkpoint_replaces_the_head_for_a_new_class_count(tmp_path, tiny_rgb_checkpoint):
-    write_image_folder(tmp_path / "data")
-    out = tmp_path / "run"
-    overrides = json.dumps({**json.loads(TINY), "in_chans": 3, "mean": [0.5] * 3, "std": [0.5] * 3})
-    run(
-        [
-            "model.train",
-            "--data",
-            str(tmp_path / "data"),
-            "--out",
-            str(out),
-            "--overrides",
-            overrides,
-            "--init",
-            str(tiny_rgb_checkpoint),
-            "--epochs",
-            "1",
-            "--batch-size",
-            "4",
-            "--lr",
-            "1e-9",
-            "--no-progress",
-            "--threads",
-            "1",
-        ]
-    )
+    out = train_on_image_folder(tmp_path, "--init", str(tiny_rgb_checkpoint), "--lr", "1e-9")
     start, tuned = load_file(str(tiny_rgb_checkpoint)), load_file(str(out / "last.safetensors"))
     assert start["head.weight"].shape == (5, 32) and tuned["head.weight"].shape == (2, 32)
     # The body came from the checkpoint (a learning rate of 1e-9 leaves it where it started).
