@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from model.config import Preprocessing
-from model.data import FASHION_MNIST_DIR, load_fashion_mnist
+from model.data import load_fashion_mnist
 from model.preprocess import decode_image, preprocess
 
 log = logging.getLogger(__name__)
@@ -18,43 +18,56 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "demo" / "samples"
 
 
-def fashion_mnist_test(root: Path = FASHION_MNIST_DIR) -> tuple[np.ndarray, np.ndarray] | None:
-    """The Fashion-MNIST test set, (10000, 28, 28) uint8 images and labels, or None where it is absent."""
+def fashion_mnist_test(root: Path | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """The Fashion-MNIST test set, (10000, 28, 28) uint8 images and labels, or None where it is absent or unreadable."""
     try:
         return load_fashion_mnist(root, "test")
-    except FileNotFoundError:
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        log.info("Fashion-MNIST test set not used: %s", exc)
         return None
 
 
 def drawn_images(count: int, size: int = 64, seed: int = 0) -> list[Image.Image]:
-    """Natural-looking stand-ins: smooth colour gradients with a few filled shapes on them."""
+    """Natural-looking stand-ins: smooth colour gradients with a few filled shapes on them.
+
+    Valid for every seed, count >= 0 and size >= 2: each shape's box is a corner plus a positive extent.
+    """
+    if size < 2:
+        raise ValueError(f"drawn images need size >= 2, got {size}")
     rng = np.random.default_rng(seed)
-    ys, xs = np.mgrid[0:size, 0:size] / (size - 1)
+    ys, xs = np.mgrid[0:size, 0:size] / (size - 1)  # (S, S) each, in [0, 1]
+    low, high = max(1, size // 8), max(2, size // 2)
     images = []
     for _ in range(count):
         a, b, c = rng.uniform(-1, 1, (3, 3))
-        base = 0.5 + 0.25 * (a[:, None, None] * xs + b[:, None, None] * ys + c[:, None, None] * xs * ys)
+        base = 0.5 + 0.25 * (a[:, None, None] * xs + b[:, None, None] * ys + c[:, None, None] * xs * ys)  # (3, S, S)
         image = Image.fromarray((np.clip(base, 0, 1).transpose(1, 2, 0) * 255).astype(np.uint8), "RGB")
         draw = ImageDraw.Draw(image)
         for _ in range(rng.integers(1, 4)):
-            x0, y0 = rng.integers(0, size // 2, 2)
-            x1, y1 = x0 + rng.integers(size // 8, size // 2, 2)
+            x0, y0 = (int(v) for v in rng.integers(0, high, 2))
+            width, height = (int(v) for v in rng.integers(low, high + 1, 2))
+            box = (x0, y0, min(x0 + width, size - 1), min(y0 + height, size - 1))
             fill = tuple(int(v) for v in rng.integers(0, 256, 3))
-            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=fill)
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
         images.append(image)
     return images
 
 
-def real_images(count: int, seed: int = 0) -> tuple[list[Image.Image], str]:
-    """Up to `count` images and where they came from: demo samples, then Fashion-MNIST, then drawn ones."""
+def real_images(
+    count: int, seed: int = 0, samples: Path | None = SAMPLES, fashion_mnist: bool = True
+) -> tuple[list[Image.Image], str]:
+    """Exactly `count` images and where they came from: demo samples, then Fashion-MNIST, then drawn ones.
+
+    Neither the samples folder nor the dataset is required: whatever is missing is made up with drawn images.
+    """
     images: list[Image.Image] = []
     sources = []
-    if SAMPLES.is_dir():
-        for path in sorted(SAMPLES.glob("*.png"))[:count]:
+    if samples is not None and samples.is_dir():
+        for path in sorted(samples.glob("*.png"))[:count]:
             images.append(decode_image(path.read_bytes()))
         if images:
             sources.append(f"{len(images)} demo samples")
-    test = fashion_mnist_test() if len(images) < count else None
+    test = fashion_mnist_test() if fashion_mnist and len(images) < count else None
     if test is not None:
         pixels = test[0][: count - len(images)]
         images += [Image.fromarray(p, "L") for p in pixels]

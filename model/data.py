@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import logging
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,9 @@ from .preprocess import RESAMPLE, decode_image, normalize, preprocess, to_model_
 
 log = logging.getLogger(__name__)
 
+# Debian's `dataset-fashion-mnist` location; `VITAE_FASHION_MNIST_DIR` moves it (read at call time, everywhere).
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_ENV = "VITAE_FASHION_MNIST_DIR"
 FASHION_MNIST_CLASSES = [
     "T-shirt/top",
     "Trouser",
@@ -57,9 +60,14 @@ def read_idx(path: str | Path) -> np.ndarray:
     return data.reshape(dims)
 
 
-def load_fashion_mnist(root: str | Path = FASHION_MNIST_DIR, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+def fashion_mnist_dir() -> Path:
+    """Where the Fashion-MNIST IDX files are looked for: `$VITAE_FASHION_MNIST_DIR`, else Debian's location."""
+    return Path(os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_DIR)
+
+
+def load_fashion_mnist(root: str | Path | None = None, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """Images uint8 (N, 28, 28) and labels int64 (N,) of the official train (60k) or test (10k) split."""
-    root = Path(root)
+    root = Path(root) if root is not None else fashion_mnist_dir()
     out = []
     for stem in FASHION_MNIST_FILES[split]:
         candidates = [root / f"{stem}.gz", root / stem]
@@ -67,7 +75,7 @@ def load_fashion_mnist(root: str | Path = FASHION_MNIST_DIR, split: str = "train
         if found is None:
             raise FileNotFoundError(
                 f"Fashion-MNIST file {stem}(.gz) not found in {root}; "
-                "install it with `apt-get install -y dataset-fashion-mnist` or pass --data-dir"
+                f"install it with `apt-get install -y dataset-fashion-mnist`, pass --data-dir or set {FASHION_MNIST_ENV}"
             )
         out.append(read_idx(found))
     images, labels = out
@@ -216,7 +224,7 @@ def build_datasets(
 ) -> tuple[Dataset | None, Dataset, list[str]]:
     """(train, val, class names) for `fashion-mnist` or an ImageFolder root with train/ and val/."""
     if data == "fashion-mnist":
-        root = Path(data_dir) if data_dir else FASHION_MNIST_DIR
+        root = Path(data_dir) if data_dir else fashion_mnist_dir()
         train_ds = None
         if train:
             images, labels = load_fashion_mnist(root, "train")

@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from model import get_variant
-from model.data import FASHION_MNIST_DIR, ImageFolderDataset, read_idx
+from model.data import ImageFolderDataset, fashion_mnist_dir, read_idx
 from model.preprocess import preprocess
 
 TINY = json.dumps(
@@ -29,7 +29,7 @@ TINY = json.dumps(
     }
 )
 needs_fmnist = pytest.mark.skipif(
-    not FASHION_MNIST_DIR.is_dir(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)"
+    not fashion_mnist_dir().is_dir(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)"
 )
 
 
