@@ -75,7 +75,8 @@ def load_fashion_mnist(root: str | Path | None = None, split: str = "train") -> 
         if found is None:
             raise FileNotFoundError(
                 f"Fashion-MNIST file {stem}(.gz) not found in {root}; "
-                f"install it with `apt-get install -y dataset-fashion-mnist`, pass --data-dir or set {FASHION_MNIST_ENV}"
+                "install it with `apt-get install -y dataset-fashion-mnist`, "
+                f"pass --data-dir or set {FASHION_MNIST_ENV}"
             )
         out.append(read_idx(found))
     images, labels = out

@@ -66,7 +66,7 @@ def _hidden_dataset_command(empty: Path) -> list[str]:
     if os.geteuid() == 0 and shutil.which("unshare") and FASHION_MNIST_DIR.is_dir():
         probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
         if probe.returncode == 0:
-            mount = f"mount --bind {empty} {FASHION_MNIST_DIR} && exec \"$@\""
+            mount = f'mount --bind {empty} {FASHION_MNIST_DIR} && exec "$@"'
             return ["unshare", "-m", "sh", "-c", mount, "sh", *command]
     return command
 
