@@ -8,6 +8,7 @@ import sys
 
 from model import VARIANTS
 
+from .labels import read_labels_file
 from .pipeline import PRECISIONS, export_artifacts
 
 DEFAULT_CHECKPOINT = "demo/model/vitae_fmnist.safetensors"
@@ -19,6 +20,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="project checkpoint or released weights")
     parser.add_argument("--variant", choices=sorted(VARIANTS), help="architecture of a released weights file")
     parser.add_argument("--num-classes", type=int, help="classes of a released weights file (default 1000)")
+    parser.add_argument(
+        "--labels", metavar="FILE", help="class names in index order: one per line or a JSON list (any checkpoint)"
+    )
     parser.add_argument("--out", default=DEFAULT_OUT, help="artifacts folder (the service's default)")
     parser.add_argument("--max-batch", type=int, default=32, help="largest batch the artifacts must serve")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp16", help="TensorRT engine precision")
@@ -33,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        labels = read_labels_file(args.labels) if args.labels else None
         meta = export_artifacts(
             args.checkpoint,
             args.out,
@@ -43,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
             int8_cpu=args.int8_cpu,
             triton_repo=args.triton_repo,
             force=args.force,
+            labels=labels,
         )
-    # CheckpointError and GraphCheckError are ValueErrors, ParityError a RuntimeError.
+    # CheckpointError, GraphCheckError and LabelsError are ValueErrors, ParityError a RuntimeError.
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"export failed: {exc}", file=sys.stderr)
         return 1

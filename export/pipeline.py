@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from .fold import fold_batchnorms
 from .graph import GraphCheckError, find_prm_blocks, op_counts
 from .inputs import model_inputs
 from .int8 import evaluate_int8, quantize
+from .labels import labels_digest
 from .onnx_export import INPUT_NAME, OPSET, export_onnx, token_count
 from .parity import TOLERANCE_FP32, check_parity
 from .source import Source, load_source, sha256_file
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "vitae-artifacts/1"
 # Bump when a change to this package changes what it writes, so older artifacts count as stale.
-EXPORT_REVISION = 1
+EXPORT_REVISION = 2  # 2: class names for released weights (ImageNet-1k), class_names_source, wordnet_ids
 PRECISIONS = ("fp16", "fp32")
 ONNX, ONNX_INT8, WEIGHTS, HEAD = "model.onnx", "model_int8.onnx", "model.safetensors", "head.safetensors"
 METADATA = "metadata.json"
@@ -68,7 +69,12 @@ def _sidecar_sha(checkpoint: Path) -> str | None:
 
 
 def _fingerprint(
-    checkpoint_sha: str, checkpoint: Path, variant: str | None, num_classes: int | None, settings: dict[str, Any]
+    checkpoint_sha: str,
+    checkpoint: Path,
+    variant: str | None,
+    num_classes: int | None,
+    settings: dict[str, Any],
+    labels: Sequence[str] | None = None,
 ) -> str:
     """What the artifacts are a function of: the checkpoint (weights and its JSON), the request, the exporter."""
     facts = {
@@ -76,6 +82,7 @@ def _fingerprint(
         "sidecar": _sidecar_sha(checkpoint),
         "variant": variant,
         "num_classes": num_classes,
+        "labels": labels_digest(labels),
         "settings": settings,
         "revision": EXPORT_REVISION,
     }
@@ -129,13 +136,14 @@ def artifacts_are_fresh(
     int8_cpu: bool = False,
     triton_repo: str | Path | None = None,
     force: bool = False,
+    labels: Sequence[str] | None = None,
 ) -> bool:
     """Whether `export_artifacts` with the same arguments would rebuild nothing."""
     checkpoint, out = Path(checkpoint), Path(out)
     if force or not checkpoint.is_file():
         return False
     settings = _settings(max_batch, precision, int8_cpu)
-    fingerprint = _fingerprint(sha256_file(checkpoint), checkpoint, variant, num_classes, settings)
+    fingerprint = _fingerprint(sha256_file(checkpoint), checkpoint, variant, num_classes, settings, labels)
     if _artifacts_staleness(out, fingerprint) is not None:
         return False
     return triton_repo is None or _triton_staleness(out, Path(triton_repo)) is None
@@ -152,8 +160,11 @@ def export_artifacts(
     int8_cpu: bool = False,
     triton_repo: str | Path | None = None,
     force: bool = False,
+    labels: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Build the serving artifacts of `checkpoint` in `out` (unless they are current) and return their metadata.
+
+    `labels` name the classes in index order, replacing the checkpoint's names (see export.labels).
 
     Raises FileNotFoundError, model.CheckpointError (naming the offending keys), ValueError for bad options,
     export.parity.ParityError or export.graph.GraphCheckError; in every case `out` is left untouched.
@@ -168,7 +179,7 @@ def export_artifacts(
 
     with step(f"checksum {checkpoint}"):
         checkpoint_sha = sha256_file(checkpoint)
-    fingerprint = _fingerprint(checkpoint_sha, checkpoint, variant, num_classes, settings)
+    fingerprint = _fingerprint(checkpoint_sha, checkpoint, variant, num_classes, settings, labels)
     stale = "--force" if force else _artifacts_staleness(out, fingerprint)
     if stale is None:
         meta = _read_metadata(out)
@@ -181,7 +192,7 @@ def export_artifacts(
 
     started = time.perf_counter()
     with step("load checkpoint"):
-        source = load_source(checkpoint, variant=variant, num_classes=num_classes)
+        source = load_source(checkpoint, variant=variant, num_classes=num_classes, labels=labels)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-staging-", dir=_existing_ancestor(out.parent)))
     try:
         meta = _build(source, checkpoint, checkpoint_sha, fingerprint, settings, staging, previous=out)
@@ -277,6 +288,8 @@ def _build(
         "variant": source.variant,
         "config": cfg.to_dict(),
         "class_names": source.class_names,
+        "class_names_source": source.class_names_source,
+        "wordnet_ids": source.wordnet_ids,
         "preprocessing": cfg.preprocessing.to_dict(),
         "grid": [cfg.grid_size, cfg.grid_size],
         "inputs": [{"name": INPUT_NAME, "dtype": "float32", "shape": [-1, cfg.in_chans, cfg.img_size, cfg.img_size]}],

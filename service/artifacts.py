@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 from dataclasses import dataclass
@@ -58,13 +59,43 @@ class ServedModel:
             if not 0 <= index < self.num_classes:
                 raise ValueError(f"class index {index} is out of range 0..{self.num_classes - 1}")
             return index
-        try:
-            return self.class_names.index(value)
-        except ValueError:
-            raise ValueError(
-                f"unknown class {value!r}; use an index 0..{self.num_classes - 1} or one of: "
-                + ", ".join(self.class_names)
-            ) from None
+        return match_class_name(self.class_names, value)
+
+
+# Up to this many classes an unknown name is answered with all of them; beyond, with the closest few.
+LIST_ALL_CLASSES = 50
+
+
+def _synonyms(name: str) -> set[str]:
+    """ImageNet names list WordNet synonyms ("tabby, tabby cat"); each one names the class."""
+    return {part.strip().casefold() for part in name.split(",")}
+
+
+def match_class_name(class_names: list[str], value: str) -> int:
+    """The index of the class `value` names: its whole label or one of its synonyms, ignoring case.
+
+    ValueError when no class or several fit (ImageNet has two "crane"s), naming what is accepted.
+    """
+    wanted = value.strip().casefold()
+    matches = [i for i, name in enumerate(class_names) if name.casefold() == wanted]
+    if not matches:
+        matches = [i for i, name in enumerate(class_names) if wanted in _synonyms(name)]
+    if len(matches) == 1:
+        return matches[0]
+    last = len(class_names) - 1
+    if matches:
+        which = ", ".join(f"{i} ({class_names[i]!r})" for i in matches)
+        raise ValueError(f"class {value!r} is ambiguous: it names classes {which}; give the index (0..{last})")
+    if len(class_names) <= LIST_ALL_CLASSES:
+        raise ValueError(f"unknown class {value!r}; use an index 0..{last} or one of: " + ", ".join(class_names))
+    every = {name.casefold(): name for name in class_names}  # what may be asked for -> the label it names
+    every |= {synonym: name for name in class_names for synonym in _synonyms(name)}
+    closest = dict.fromkeys(every[m] for m in difflib.get_close_matches(wanted, every, n=5, cutoff=0.6))
+    hint = f"the closest: {', '.join(map(repr, closest))}" if closest else "see GET /model for the names"
+    raise ValueError(
+        f"unknown class {value!r}; use an index 0..{last} or one of the {len(class_names)} class names "
+        f"(a whole label or one of its comma-separated synonyms, any case); {hint}"
+    )
 
 
 def read_artifacts(folder: str | Path) -> ServedModel:
@@ -129,6 +160,8 @@ def ensure_artifacts(settings: Settings) -> ServedModel:
         # Keep the options the folder was exported with (int8, precision, ...); a fresh folder gets ours.
         options = dict((existing or {}).get("settings") or {}, max_batch=settings.max_batch_size)
         options = {k: options[k] for k in ("max_batch", "precision", "int8_cpu") if k in options}
+        if existing and existing.get("class_names_source") == "labels" and _same_file(exported_from, checkpoint):
+            options["labels"] = existing["class_names"]  # names given with --labels outlive a re-export
         _export_if_needed(checkpoint, folder, options, have_existing=existing is not None)
     elif existing is None:
         raise ArtifactsError(

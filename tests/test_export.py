@@ -38,6 +38,8 @@ METADATA_KEYS = {
     "variant",
     "config",
     "class_names",
+    "class_names_source",
+    "wordnet_ids",
     "preprocessing",
     "grid",
     "inputs",
@@ -73,6 +75,7 @@ def test_artifacts_folder_has_the_documented_layout(tiny_export, tiny_checkpoint
     assert meta["version"] == sha256_file(tiny_checkpoint)[:12]
     assert meta["checkpoint"]["sha256"] == sha256_file(tiny_checkpoint)
     assert meta["class_names"][0] == "T-shirt/top" and len(meta["class_names"]) == 10
+    assert meta["class_names_source"] == "checkpoint" and meta["wordnet_ids"] is None
     assert meta["grid"] == [4, 4]
     assert meta["preprocessing"]["in_chans"] == 1 and meta["preprocessing"]["img_size"] == 32
     assert meta["inputs"] == [{"name": "images", "dtype": "float32", "shape": [-1, 1, 32, 32]}]
@@ -301,7 +304,8 @@ def test_released_vitae_t_exports_and_matches_the_release(tmp_path):
         SHARED_REFERENCE / "vitae_t_official.safetensors", tmp_path / "out", variant="vitae_t", max_batch=2
     )
     assert meta["name"] == meta["variant"] == "vitae_t"
-    assert meta["class_names"][:2] == ["class_0", "class_1"] and len(meta["class_names"]) == 1000
+    assert meta["class_names"][281] == "tabby, tabby cat" and len(meta["class_names"]) == 1000
+    assert meta["class_names_source"] == "imagenet-1k" and meta["wordnet_ids"][281] == "n02123045"
     assert meta["grid"] == [14, 14]
     assert max(meta["parity"]["max_abs_diff"]["batch_2"].values()) <= 1e-4
     graph = onnx.load(str(tmp_path / "out" / "model.onnx"))
