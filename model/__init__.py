@@ -1,5 +1,9 @@
 """The PyTorch ViTAE, its variants and preprocessing, and weight loading.
 
+Owns: the architecture as released, the variant registry and preprocessing (`config.py`, the one source
+of truth for sizes, mean/std and interpolation), checkpoints, data and the trainer.
+May import: torch, numpy, PIL, safetensors; never `export` or `service`.
+
 The torch-dependent names are imported on first use, so that `model.config` and `model.preprocess`
 (what the service needs on its ONNX Runtime and TensorRT paths) load without importing torch.
 """

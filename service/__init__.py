@@ -1,4 +1,10 @@
-"""The inference service: FastAPI over a dynamically batched ViTAE backend, with Grad-CAM maps."""
+"""The inference service: FastAPI over a dynamically batched ViTAE backend, with Grad-CAM maps.
+
+Owns: the HTTP API (`app.py` factory, `routes/`), the runtime lifecycle (`lifecycle.py`), batching,
+backends, pre-/post-processing glue and the service settings (`settings.py`, prefix VITAE_).
+May import: `model` (preprocessing; the PyTorch backend and autograd Grad-CAM) and `export` (only to
+rebuild missing or stale artifacts). Nothing in `model` or `export` imports `service`.
+"""
 
 from .app import create_app
 from .settings import Settings, get_settings

@@ -25,6 +25,18 @@ class BackendUnavailable(RuntimeError):
 
 
 class Backend(Protocol):
+    """An inference engine for one served model. The lifecycle of a request around it:
+
+    1. setup        `create_backend` / `select_backend` build it from the artifacts (session, engine,
+                    module); the lifespan warms it up at batch 1 and at the max batch
+    2. preprocess   bytes -> normalised (C, S, S) float32 by `model.preprocess`, in the decode pool
+                    (`service.inference.prepare_image`); backends never see bytes
+    3. batch        the classify batcher stacks queued images into (B, C, S, S) on its worker thread
+    4. infer        `infer(images)` -> (logits, tokens); the one method each backend implements
+    5. postprocess  logits -> top-k and tokens -> CAM (`service.postprocess`), outside the backend
+    `close()` frees the engine when the lifespan ends.
+    """
+
     name: str
     device: str
 

@@ -4,6 +4,16 @@ A batch is flushed when it holds `max_batch_size` jobs or when its oldest job ha
 `max_delay_s`. Every submitted job's future is resolved exactly once: with an Outcome, with the
 batch's failure, with DeadlineExceeded, or cancelled by its caller (then it is never computed).
 Nothing here knows about HTTP, images or models: `run_batch` is any function list -> list.
+
+The path of one image through a batcher:
+  1. submit      the route queues a Job (payload, future, deadline); refused at once when the queue is
+                 full (QueueFullError) or closing (ShuttingDownError)
+  2. wait        the loop takes the oldest job and waits up to `max_delay_s` from its submission for
+                 more, until `max_batch_size` jobs; cancelled or expired jobs leave uncomputed
+  3. dispatch    the live jobs of the batch go to `run_batch` on the worker thread, in one call
+  4. resolve     each future gets its Outcome (result, queue and inference times, batch size), or the
+                 batch's BatchFailedError
+  5. close       on shutdown every job still queued is run (steps 2-4 without the delay), then the loop ends
 """
 
 from __future__ import annotations

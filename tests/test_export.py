@@ -13,10 +13,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import DEMO_CHECKPOINT, FIXTURES, ROOT, SHARED_REFERENCE
 from google.protobuf import text_format
 from onnx import TensorProto, helper
 from safetensors.torch import load_file
+from support.checkpoints import DEMO_CHECKPOINT, FIXTURES, ROOT, SHARED_REFERENCE
 from tritonclient.grpc import model_config_pb2
 
 import export.int8

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import onnx
 import pytest
-from conftest import DEMO_CHECKPOINT
 from google.protobuf import text_format
+from support.checkpoints import DEMO_CHECKPOINT
 
 from export import export_artifacts
 from export.graph import find_prm_blocks

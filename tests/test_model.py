@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import FIXTURES, SHARED_REFERENCE, tiny_model
 from safetensors import safe_open
 from safetensors.torch import load_file
+from support.checkpoints import FIXTURES, SHARED_REFERENCE, tiny_model
 
 from model import (
     CheckpointError,

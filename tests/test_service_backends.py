@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_service_support import exported, sample_images
+from support.checkpoints import exported
+from support.images import sample_images
 
 from model.preprocess import decode_image, preprocess
 from service.artifacts import ArtifactsError, ensure_artifacts, read_artifacts

@@ -10,7 +10,8 @@ import types
 import numpy as np
 import pytest
 import torch
-from test_service_support import exported, sample_images
+from support.checkpoints import exported
+from support.images import sample_images
 
 from model import Preprocessing, ViTAE, ViTAEConfig, load_weights
 from model.preprocess import decode_image, preprocess

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_service_support import exported, free_port, metric, sample_images
+from support.checkpoints import exported
+from support.images import sample_images
+from support.server import free_port, metric
 
 ROOT = Path(__file__).resolve().parent.parent
 

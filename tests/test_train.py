@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DEMO_CHECKPOINT, ROOT
 from PIL import Image
 from safetensors.torch import load_file
+from support.checkpoints import DEMO_CHECKPOINT, ROOT
 
 from model import get_variant
 from model.data import ImageFolderDataset, fashion_mnist_dir, read_idx

@@ -1,34 +1,19 @@
-"""Helpers shared by the service tests (no tests here): exported artifacts, a real server, test images."""
+"""A real uvicorn server (lifespan on) around the service's app, its test settings, and reading its metrics."""
 
 from __future__ import annotations
 
-import io
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import cache
 from pathlib import Path
 
 import httpx
-import numpy as np
 import uvicorn
-from PIL import Image, ImageDraw
 
-import export
 from service import create_app
 from service.settings import Settings
-
-SAMPLES = Path(__file__).resolve().parent.parent / "demo" / "samples"
-
-
-@cache
-def exported(checkpoint: Path) -> Path:
-    """The export stage's artifacts of a checkpoint, beside it (built once per session)."""
-    out = checkpoint.parent / "artifacts"
-    export.export_artifacts(checkpoint, out, max_batch=8)
-    return out
 
 
 def settings_for(artifacts: Path, **overrides) -> Settings:
@@ -36,35 +21,6 @@ def settings_for(artifacts: Path, **overrides) -> Settings:
     values = dict(artifacts=artifacts, auto_export=False, backend="onnxruntime", device="cpu", threads=1)
     values |= dict(max_delay_ms=5, preprocess_threads=2, log_level="warning")
     return Settings(**(values | overrides))
-
-
-def drawn_image(seed: int, size: tuple[int, int] = (28, 28), mode: str = "L") -> Image.Image:
-    """A deterministic picture with shapes (so the CAM has something to find), in any PIL mode."""
-    rng = np.random.default_rng(seed)
-    image = Image.new("RGB", size, tuple(int(v) for v in rng.integers(0, 80, 3)))
-    draw = ImageDraw.Draw(image)
-    for _ in range(3):
-        x0, y0 = rng.integers(0, size[0] // 2), rng.integers(0, size[1] // 2)
-        x1, y1 = x0 + rng.integers(size[0] // 4, size[0] // 2), y0 + rng.integers(size[1] // 4, size[1] // 2)
-        draw.ellipse((x0, y0, x1, y1), fill=tuple(int(v) for v in rng.integers(100, 256, 3)))
-    return image.convert(mode)
-
-
-def sample_images(count: int) -> list[bytes]:
-    """PNG bytes: the demo's real Fashion-MNIST samples when present, else drawn ones."""
-    samples = sorted(SAMPLES.glob("*.png")) if SAMPLES.is_dir() else []
-    out = [path.read_bytes() for path in samples[:count]]
-    seed = 0
-    while len(out) < count:
-        out.append(encode(drawn_image(seed), "PNG"))
-        seed += 1
-    return out
-
-
-def encode(image: Image.Image, fmt: str, **params) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **params)
-    return buffer.getvalue()
 
 
 class ServerThread:
@@ -93,6 +49,7 @@ class ServerThread:
 
 
 def wait_ready(url: str, timeout: float = 60.0) -> dict:
+    """Poll /readyz until 200 (its body) or failed/timeout (RuntimeError)."""
     deadline = time.monotonic() + timeout
     while True:
         response = httpx.get(f"{url}/readyz")
@@ -118,6 +75,7 @@ def running(app, *, ready: bool = True) -> Iterator[str]:
 
 @contextmanager
 def serving(artifacts: Path, backend=None, *, ready: bool = True, **overrides) -> Iterator[str]:
+    """Serve `artifacts` with `settings_for(artifacts, **overrides)`; yields the base URL."""
     with running(create_app(settings_for(artifacts, **overrides), backend=backend), ready=ready) as url:
         yield url
 
@@ -133,6 +91,7 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 def free_port() -> int:
+    """A local TCP port free at the time of asking."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

@@ -1,0 +1,213 @@
+"""The service's lifecycle: what the lifespan loads (Runtime), the state the routes read, and shutdown.
+
+1. create_app builds a ServiceState in LOADING and the lifespan starts `load_model` in the background.
+2. load_model: ensure the artifacts (export when missing or stale), select and warm up the backend,
+   start the classify batcher (and the autograd Grad-CAM batcher when weights exist) -> READY.
+3. SIGTERM (or the lifespan's exit) -> DRAINING: /readyz answers 503, open requests finish.
+4. The lifespan's exit drains the batchers, closes the backend and the decode pool.
+A failure while loading -> FAILED (/healthz 503: restart the process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from enum import StrEnum
+from functools import partial
+
+import numpy as np
+from fastapi import FastAPI
+
+from .artifacts import ServedModel, ensure_artifacts
+from .backends import Backend, select_backend
+from .batcher import Batcher
+from .gradcam import AutogradGradCAM
+from .inference import ClassifyInput, ClassifyOutput, GradCAMInput, classify_batch, gradcam_batch
+from .metrics import Metrics
+from .settings import Settings
+
+log = logging.getLogger("service")
+
+DECODE_NICENESS = 10
+
+
+class Status(StrEnum):
+    """The service's state, as /readyz reports it: LOADING -> READY -> DRAINING, or FAILED."""
+
+    LOADING = "loading"
+    READY = "ready"
+    DRAINING = "draining"
+    FAILED = "failed"
+
+
+@dataclass
+class Runtime:
+    """What the lifespan loads: the served model, its backend and the batchers in front of them."""
+
+    served: ServedModel
+    backend: Backend
+    reason: str
+    classifier: Batcher[ClassifyInput, ClassifyOutput]
+    explainer: Batcher[GradCAMInput, np.ndarray] | None
+    cam_cells: list[str]
+
+
+@dataclass
+class ServiceState:
+    """Everything the routes read, on `app.state.service`; `runtime` is set once loading succeeds."""
+
+    settings: Settings
+    metrics: Metrics
+    status: Status = Status.LOADING
+    error: str | None = None
+    runtime: Runtime | None = None
+    pool: ThreadPoolExecutor | None = None
+    loader: asyncio.Task | None = field(default=None, repr=False)
+
+    def begin_drain(self) -> None:
+        """Called on SIGTERM: /readyz turns 503 while in-flight requests finish."""
+        if self.status is not Status.FAILED:
+            self.status = Status.DRAINING
+        self.metrics.ready.set(0)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _warm_up(backend: Backend, served: ServedModel, max_batch: int) -> None:
+    prep = served.preprocessing
+    for batch in sorted({1, max_batch}):
+        backend.infer(np.zeros((batch, prep.in_chans, prep.img_size, prep.img_size), np.float32))
+
+
+def _load_explainer(served: ServedModel) -> AutogradGradCAM | None:
+    weights = served.file("weights")
+    if weights is None:
+        return None
+    from model import ViTAE, ViTAEConfig, load_weights
+
+    # Its own copy of the model: hooks on a module shared with the torch backend would fire in its thread.
+    return AutogradGradCAM(load_weights(ViTAE(ViTAEConfig.from_dict(served.metadata["config"])), weights))
+
+
+async def _choose_backend(settings: Settings, served: ServedModel, given: Backend | None) -> tuple[Backend, str]:
+    if given is not None:
+        return given, "given by the caller"
+    selection = await asyncio.to_thread(
+        select_backend, settings.backend, served, settings.device, settings.threads, settings.int8_cpu
+    )
+    return selection.backend, selection.reason
+
+
+def _batcher(run_batch, settings: Settings, metrics: Metrics, name: str, max_batch: int) -> Batcher:
+    return Batcher(
+        run_batch,
+        max_batch_size=max_batch,
+        max_delay_s=settings.max_delay_ms / 1000,
+        capacity=settings.queue_capacity,
+        name=name,
+        metrics=metrics,
+    )
+
+
+async def _start_runtime(state: ServiceState, served: ServedModel, backend: Backend, reason: str) -> Runtime:
+    """Warm the backend up on the classify batcher's worker, then start both batchers."""
+    settings, metrics = state.settings, state.metrics
+    max_batch = settings.max_batch_size
+    if backend.name == "tensorrt":  # the engine's optimization profile ends at the export's max batch
+        max_batch = min(max_batch, int(served.metadata.get("settings", {}).get("max_batch", max_batch)))
+    classifier = _batcher(partial(classify_batch, backend, served), settings, metrics, "classify", max_batch)
+    await classifier.run_on_worker(_warm_up, backend, served, max_batch)
+    explainer_model = await asyncio.to_thread(_load_explainer, served)
+    explainer = None
+    if explainer_model is not None:
+        explainer = _batcher(
+            partial(gradcam_batch, explainer_model), settings, metrics, "gradcam", settings.max_batch_size
+        )
+        explainer.start()
+    classifier.start()
+    cam_cells = [cell.name for cell in explainer_model.cells] if explainer_model else []
+    return Runtime(served, backend, reason, classifier, explainer, cam_cells)
+
+
+async def load_model(state: ServiceState, backend: Backend | None = None) -> None:
+    """Export if needed, pick and warm the backend, start the batchers; then the service is ready."""
+    try:
+        started = time.perf_counter()
+        served = await asyncio.to_thread(ensure_artifacts, state.settings)
+        backend, reason = await _choose_backend(state.settings, served, backend)
+        log.info("backend %s on %s: %s", backend.name, backend.device, reason)
+        state.runtime = await _start_runtime(state, served, backend, reason)
+        state.metrics.backend.labels(backend.name, backend.device).set(1)
+        if state.status is Status.LOADING:
+            state.status = Status.READY
+            state.metrics.ready.set(1)
+        log.info(
+            "serving %s %s (%d classes) from %s; ready in %.1f s",
+            served.name,
+            served.version,
+            served.num_classes,
+            served.folder,
+            time.perf_counter() - started,
+        )
+    except Exception as exc:
+        state.status, state.error = Status.FAILED, f"{type(exc).__name__}: {exc}"
+        log.exception("loading the model failed")
+
+
+# ---------------------------------------------------------------- lifespan
+
+
+def _yield_cpu_to_inference() -> None:
+    """Lower this decode thread's scheduling priority (Linux: nice applies per thread).
+
+    When the cores are saturated, the backend's intra-op threads then win them; decoding fills the gaps. A
+    descheduled intra-op thread stalls its whole parallel region, so without this a few milliseconds of
+    decoding cost the backend far more than their own CPU time.
+    """
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + DECODE_NICENESS)
+    except (AttributeError, OSError):  # not Linux, or not permitted: run at normal priority
+        pass
+
+
+async def _shut_down(state: ServiceState) -> None:
+    state.begin_drain()
+    if not state.loader.done():
+        state.loader.cancel()
+    await asyncio.gather(state.loader, return_exceptions=True)
+    runtime = state.runtime
+    if runtime is not None:
+        # The server has already finished every open request; this drains anything still queued.
+        await runtime.classifier.close()
+        if runtime.explainer is not None:
+            await runtime.explainer.close()
+        runtime.backend.close()
+    state.pool.shutdown(wait=True, cancel_futures=False)
+    log.info("stopped")
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Owns every resource: the decode pool, the loader task, the batchers and the backend."""
+    state: ServiceState = app.state.service
+    settings = state.settings
+    state.pool = ThreadPoolExecutor(
+        max_workers=settings.preprocess_threads or min(4, os.cpu_count() or 1),
+        thread_name_prefix="vitae-decode",
+        initializer=_yield_cpu_to_inference,
+    )
+    # Loading runs in the background so /healthz and /readyz answer (503) while it exports or warms up.
+    state.loader = asyncio.create_task(load_model(state, app.state.given_backend), name="load-model")
+    try:
+        yield
+    finally:
+        await _shut_down(state)

@@ -1,0 +1,76 @@
+"""POST /classify: one image or several, top-k predictions and optional Grad-CAM maps."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Request
+
+from ..classify_flow import RAW_CONTENT_TYPES, infer, prepare_all, read_uploads, resolve_options, shape_result
+from ..dependencies import ApiKeyDep, RuntimeDep, StateDep
+from ..inference import PreparedImage
+from ..schemas import EXAMPLE_RESULT, BatchResult, ClassifyResult, ErrorOut, ItemError
+
+router = APIRouter(tags=["inference"])
+
+CLASSIFY_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                    "required": ["file"],
+                },
+            },
+            **{t: {"schema": {"type": "string", "format": "binary"}} for t in RAW_CONTENT_TYPES},
+        },
+    },
+    "responses": {"200": {"content": {"application/json": {"example": EXAMPLE_RESULT}}}},
+}
+
+TopK = Annotated[int | None, Query(alias="top_k", ge=1, description="classes to return (1..K)", examples=[3])]
+Cam = Annotated[bool, Query(description="add a Grad-CAM map and PNGs", examples=[True])]
+CamClass = Annotated[
+    str | None, Query(description="class index or label for the CAM; default: top-1", examples=["Sneaker"])
+]
+CamLayer = Annotated[
+    str | None, Query(description="cell index or name for the CAM (see /model); default: the last cell")
+]
+
+
+@router.post(
+    "/classify",
+    response_model=ClassifyResult | BatchResult,
+    response_model_exclude_none=True,
+    openapi_extra=CLASSIFY_OPENAPI,
+)
+async def classify(
+    request: Request,
+    state: StateDep,
+    runtime: RuntimeDep,
+    _: ApiKeyDep,
+    top_k_: TopK = None,
+    cam: Cam = False,
+    cam_class: CamClass = None,
+    cam_layer: CamLayer = None,
+) -> ClassifyResult | BatchResult:
+    """Classify one image (multipart 'file' part or raw image body) or several ('file' parts, in order)."""
+    arrived = time.monotonic()
+    served = runtime.served
+    opts = resolve_options(runtime, top_k_, cam, cam_class, cam_layer)
+    uploads = await read_uploads(request, state.settings.max_files)
+    prepared = await prepare_all(state, served, uploads, keep_original=cam)
+    if len(prepared) == 1 and isinstance(prepared[0], HTTPException):
+        raise prepared[0]
+    good = [p for p in prepared if isinstance(p, PreparedImage)]
+    answers = iter(await infer(request, state, runtime, good, opts, arrived))
+    results = [
+        ItemError(error=ErrorOut(status=item.status_code, detail=str(item.detail)))
+        if isinstance(item, HTTPException)
+        else await shape_result(state, served, item, next(answers), opts.k, arrived)
+        for item in prepared
+    ]
+    return BatchResult(results=results) if len(uploads) > 1 else results[0]

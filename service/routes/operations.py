@@ -1,0 +1,54 @@
+"""Probes and introspection: /healthz, /readyz, /metrics and /model."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+
+from ..dependencies import ApiKeyDep, RuntimeDep, StateDep
+from ..lifecycle import Status
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz")
+async def healthz(state: StateDep) -> JSONResponse:
+    """Liveness: 200 while the process serves; 503 when the model failed to load (restart it)."""
+    if state.status is Status.FAILED:
+        return JSONResponse({"status": Status.FAILED.value, "detail": state.error}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/readyz")
+async def readyz(state: StateDep) -> JSONResponse:
+    """Readiness: 200 once the model is loaded and warmed up; 503 while loading, draining or failed."""
+    body: dict = {"status": state.status.value}
+    if state.runtime is not None:
+        rt = state.runtime
+        body |= {"model": rt.served.name, "version": rt.served.version, "backend": rt.backend.name}
+        body |= {"device": rt.backend.device, "reason": rt.reason}
+    if state.error:
+        body["detail"] = state.error
+    return JSONResponse(body, status_code=200 if state.status is Status.READY else 503)
+
+
+@router.get("/metrics", response_class=Response)
+async def prometheus_metrics(state: StateDep) -> Response:
+    """Prometheus exposition of this app's registry."""
+    return Response(state.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@router.get("/model")
+async def model_card(runtime: RuntimeDep, _: ApiKeyDep) -> dict:
+    """What is served: name, version, classes, input size, CAM cells, backend."""
+    served = runtime.served
+    return {
+        "name": served.name,
+        "version": served.version,
+        "class_names": served.class_names,
+        "preprocessing": served.preprocessing.to_dict(),
+        "grid": list(served.grid),
+        "cam_layers": runtime.cam_cells,
+        "backend": runtime.backend.name,
+        "device": runtime.backend.device,
+    }

@@ -1,0 +1,6 @@
+"""Helpers the tests share (no tests here), imported as `from support.<module> import ...`.
+
+Owns: real small checkpoints and their exported artifacts (`checkpoints`), test images (`images`),
+a real uvicorn server around an app and its settings (`server`). Fixtures stay in `conftest.py`.
+May import: `model`, `export`, `service` and third-party test tools; never a test module.
+"""

@@ -1,0 +1,157 @@
+"""The dynamic batcher without HTTP: batches, delays, capacity, cancellation, failures, draining."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from service.batcher import Batcher, BatchFailedError, DeadlineExceeded, QueueFullError, ShuttingDownError
+from service.metrics import Metrics
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+class Recorder:
+    """run_batch that doubles its inputs and remembers the batches it saw."""
+
+    def __init__(self, fail_when=None, delay_s: float = 0.0):
+        self.batches: list[list[int]] = []
+        self.fail_when = fail_when
+        self.delay_s = delay_s
+        self.threads: set[str] = set()
+
+    def __call__(self, items):
+        self.threads.add(threading.current_thread().name)
+        self.batches.append(list(items))
+        time.sleep(self.delay_s)
+        if self.fail_when is not None and self.fail_when in items:
+            raise RuntimeError("boom")
+        return [2 * x for x in items]
+
+
+def test_every_job_gets_exactly_its_own_answer_in_batches_of_at_most_max():
+    async def scenario():
+        recorder = Recorder()
+        batcher = Batcher(recorder, max_batch_size=4, max_delay_s=0.05, capacity=100)
+        batcher.start()
+        jobs = [batcher.submit(i, timeout_s=10) for i in range(10)]
+        outcomes = await asyncio.gather(*(job.future for job in jobs))
+        await batcher.close()
+        return recorder, outcomes
+
+    recorder, outcomes = run(scenario())
+    assert [o.result for o in outcomes] == [2 * i for i in range(10)]
+    assert [len(b) for b in recorder.batches] == [4, 4, 2]  # full batches flush at once, the rest at the delay
+    assert sorted(x for b in recorder.batches for x in b) == list(range(10))
+    assert len(recorder.threads) == 1 and next(iter(recorder.threads)).startswith("vitae-")
+
+
+def test_a_lone_job_waits_the_max_delay_and_no_longer():
+    async def scenario():
+        batcher = Batcher(Recorder(), max_batch_size=8, max_delay_s=0.2, capacity=10)
+        batcher.start()
+        started = time.monotonic()
+        # Without a flush at the delay the lone job would wait for company until this bound (or its deadline).
+        outcome = await asyncio.wait_for(batcher.submit(1, timeout_s=60).future, timeout=30)
+        waited = time.monotonic() - started
+        await batcher.close()
+        return outcome, waited
+
+    outcome, waited = run(scenario())
+    # The lower bound is exact (the flush is anchored at submission); the upper one only says "not the
+    # bound nor the deadline", wide enough for a loaded machine.
+    assert 0.18 <= waited < 15
+    assert outcome.batch_size == 1 and outcome.queue_s >= 0.18
+
+
+def test_jobs_arriving_during_the_delay_join_the_batch():
+    async def scenario():
+        recorder = Recorder()
+        # A full batch of two flushes at once, so the long delay costs nothing and no scheduling hiccup
+        # between the two submissions can flush the first job alone.
+        batcher = Batcher(recorder, max_batch_size=2, max_delay_s=30, capacity=10)
+        batcher.start()
+        first = batcher.submit(1, timeout_s=60)
+        await asyncio.sleep(0.05)
+        second = batcher.submit(2, timeout_s=60)
+        await asyncio.gather(first.future, second.future)
+        await batcher.close()
+        return recorder
+
+    assert run(scenario()).batches == [[1, 2]]
+
+
+def test_queue_full_is_refused_at_once_with_a_retry_hint():
+    async def scenario():
+        batcher = Batcher(Recorder(), max_batch_size=2, max_delay_s=0.2, capacity=2)
+        batcher.start()
+        jobs = [batcher.submit(i, timeout_s=10) for i in range(2)]
+        with pytest.raises(QueueFullError) as refused:
+            batcher.submit(3, timeout_s=10)
+        await asyncio.gather(*(j.future for j in jobs))
+        await batcher.close()
+        return refused.value
+
+    assert run(scenario()).retry_after_s >= 1
+
+
+def test_cancelled_and_expired_jobs_are_never_computed():
+    async def scenario():
+        metrics = Metrics()
+        recorder = Recorder()
+        batcher = Batcher(recorder, max_batch_size=8, max_delay_s=0.2, capacity=10, metrics=metrics)
+        batcher.start()
+        cancelled = batcher.submit(1, timeout_s=10)
+        expired = batcher.submit(2, timeout_s=0.05)
+        kept = batcher.submit(3, timeout_s=10)
+        cancelled.future.cancel()
+        await asyncio.sleep(0)  # done-callbacks run on the next loop iteration
+        assert batcher.depth == 2  # the cancelled one left the queue at once
+        result = await kept.future
+        with pytest.raises(DeadlineExceeded):
+            await expired.future
+        await batcher.close()
+        return recorder, result, metrics
+
+    recorder, result, metrics = run(scenario())
+    assert recorder.batches == [[3]] and result.result == 6
+    assert metrics.dropped.labels("model", "cancelled")._value.get() == 1
+    assert metrics.dropped.labels("model", "deadline")._value.get() == 1
+
+
+def test_a_failing_batch_fails_only_its_own_jobs():
+    async def scenario():
+        batcher = Batcher(Recorder(fail_when=13), max_batch_size=2, max_delay_s=0.01, capacity=10)
+        batcher.start()
+        doomed = [batcher.submit(i, timeout_s=10) for i in (12, 13)]
+        results = await asyncio.gather(*(j.future for j in doomed), return_exceptions=True)
+        later = await batcher.submit(5, timeout_s=10).future
+        await batcher.close()
+        return results, later
+
+    results, later = run(scenario())
+    assert all(isinstance(r, BatchFailedError) and "boom" in str(r) for r in results)
+    assert later.result == 10
+
+
+def test_close_drains_everything_queued_and_then_refuses():
+    async def scenario():
+        recorder = Recorder(delay_s=0.05)
+        batcher = Batcher(recorder, max_batch_size=2, max_delay_s=60, capacity=100)
+        batcher.start()
+        jobs = [batcher.submit(i, timeout_s=120) for i in range(5)]
+        started = time.monotonic()
+        await batcher.close()  # does not wait out the 60 s delay, but computes all five
+        elapsed = time.monotonic() - started
+        with pytest.raises(ShuttingDownError):
+            batcher.submit(9, timeout_s=10)
+        return [j.future.result().result for j in jobs], elapsed
+
+    results, elapsed = run(scenario())
+    assert results == [0, 2, 4, 6, 8]
+    assert elapsed < 30  # far below the delay, however loaded the machine

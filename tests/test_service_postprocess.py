@@ -1,0 +1,58 @@
+"""Post-processing as pure functions: logits -> top-k, tokens -> CAM, CAM -> colours and PNGs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from support.images import drawn_image
+
+from service.postprocess import jet, last_cell_cam, normalize_cam, render_cam, softmax, top_k, upsample
+
+
+def test_top_k_is_sorted_softmax_with_labels():
+    logits = np.array([0.5, 3.0, -1.0, 2.0], np.float32)
+    predictions = top_k(logits, ["a", "b", "c", "d"], 3)
+    assert [p.label for p in predictions] == ["b", "d", "a"]
+    assert predictions[0].score == pytest.approx(softmax(logits)[1])
+    assert softmax(np.array([1000.0, 1000.0])).tolist() == [0.5, 0.5]  # no overflow
+
+
+def test_last_cell_cam_sums_to_logit_minus_bias():
+    rng = np.random.default_rng(0)
+    tokens = rng.normal(size=(3, 16, 8)).astype(np.float32)  # (B, N, D)
+    weight, bias = rng.normal(size=(5, 8)), rng.normal(size=5)
+    logits = tokens.mean(axis=1) @ weight.T + bias  # what a mean-pooled head computes
+    targets = np.array([0, 4, 2])
+    raw = last_cell_cam(tokens, weight, targets, (4, 4))
+    assert raw.shape == (3, 4, 4)
+    np.testing.assert_allclose(raw.sum(axis=(1, 2)), logits[np.arange(3), targets] - bias[targets], atol=1e-6)
+
+
+def test_normalize_cam_is_relu_then_min_max_per_image():
+    raw = np.array([[[-2.0, 0.0], [1.0, 3.0]], [[5.0, 5.0], [5.0, 5.0]]])
+    cam = normalize_cam(raw)
+    np.testing.assert_allclose(cam[0], [[0.0, 0.0], [1 / 3, 1.0]])
+    np.testing.assert_array_equal(cam[1], np.zeros((2, 2)))  # a flat map has nothing to show
+
+
+def test_jet_runs_from_blue_to_red():
+    colours = jet(np.array([[0.0, 0.5, 1.0]]))
+    assert colours.dtype == np.uint8 and colours.shape == (1, 3, 3)
+    blue, green, red = colours[0]
+    assert blue[2] > 100 and blue[0] == 0
+    assert green[1] == 255
+    assert red[0] > 100 and red[2] == 0
+
+
+def test_upsampling_is_bilinear_at_the_requested_size():
+    grid = np.array([[0.0, 1.0]])
+    up = upsample(grid, (8, 3))
+    assert up.shape == (3, 8)
+    assert np.all(np.diff(up[1]) >= 0) and 0.0 <= up.min() and up.max() <= 1.0
+
+
+def test_render_cam_draws_pngs_at_the_original_size():
+    images = render_cam(np.eye(4), drawn_image(0, size=(50, 20), mode="L"))
+    assert (images.width, images.height) == (50, 20)
+    assert images.grid == np.eye(4).tolist()
+    assert images.heatmap_png and images.overlay_png
