@@ -11,8 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import FASHION_CLASSES, ROOT
-from test_service_support import drawn_image, encode, serving
+from support.checkpoints import FASHION_CLASSES, ROOT
+from support.images import drawn_image, encode
+from support.server import serving
 
 from export import export_artifacts
 from export.labels import LabelsError, imagenet_1k, read_labels_file, resolve_class_names
