@@ -4,7 +4,7 @@ Layout (the FastAPI "bigger applications" shape):
   lifecycle.py       Status, ServiceState, Runtime, load_model, lifespan (owns every resource)
   dependencies.py    StateDep, RuntimeDep, ApiKeyDep (`Annotated[..., Depends()]` aliases)
   classify_flow.py   the steps of one /classify request (options, uploads, decode, batchers, response)
-  routes/*.py        one `router = APIRouter(...)` per role: operations, classify
+  routes/*.py        one `router = APIRouter(...)` per role: operations, classify, v2 (KServe v2)
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from .backends import Backend
 from .lifecycle import ServiceState, lifespan
 from .metrics import Metrics
 from .middleware import BodyLimitMiddleware, BodyTooLarge, MetricsMiddleware, too_large_response
-from .routes import classify, operations
+from .routes import classify, operations, v2
 from .settings import Settings, get_settings
 
 
@@ -51,4 +51,5 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
 
     app.include_router(operations.router)
     app.include_router(classify.router)
+    app.include_router(v2.router)
     return app

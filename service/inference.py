@@ -53,6 +53,7 @@ class ClassifyOutput:
     logits: np.ndarray  # (K,)
     cam_class: int | None
     cam_raw: np.ndarray | None  # (h, w), before ReLU
+    tokens: np.ndarray | None = None  # (N, D) last-cell tokens, a view into the batch's output
 
 
 def classify_batch(backend: Backend, served: ServedModel, inputs: Sequence[ClassifyInput]) -> list[ClassifyOutput]:
@@ -65,7 +66,7 @@ def classify_batch(backend: Backend, served: ServedModel, inputs: Sequence[Class
     if want:
         raw = last_cell_cam(tokens[want], served.head_weight, np.array([targets[i] for i in want]), served.grid)
         maps = dict(zip(want, raw, strict=True))
-    return [ClassifyOutput(logits[i], targets.get(i), maps.get(i)) for i in range(len(inputs))]
+    return [ClassifyOutput(logits[i], targets.get(i), maps.get(i), tokens[i]) for i in range(len(inputs))]
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,11 @@ class BodyTooLarge(Exception):
         self.limit = limit
 
 
-def too_large_response(limit: int) -> JSONResponse:
+def too_large_response(limit: int, path: str = "") -> JSONResponse:
+    """413 in the error body of the route's protocol: {"error": ...} under /v2 (KServe v2), else {"detail": ...}."""
+    key = "error" if path == "/v2" or path.startswith("/v2/") else "detail"
     # Connection: close, so the server drops the rest of an upload instead of reading it for keep-alive.
-    return JSONResponse({"detail": str(BodyTooLarge(limit))}, status_code=413, headers={"Connection": "close"})
+    return JSONResponse({key: str(BodyTooLarge(limit))}, status_code=413, headers={"Connection": "close"})
 
 
 class BodyLimitMiddleware:
@@ -41,7 +43,7 @@ class BodyLimitMiddleware:
                 except ValueError:
                     declared = 0
                 if declared > self.max_bytes:
-                    await too_large_response(self.max_bytes)(scope, receive, send)
+                    await too_large_response(self.max_bytes, scope["path"])(scope, receive, send)
                     return
         received = 0
 

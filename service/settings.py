@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0, description="Deadline per request; past it the answer is 504.")
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest request body accepted (else 413).")
     max_image_pixels: int = Field(40_000_000, ge=1, description="Largest decoded image, width x height (else 413).")
-    max_files: int = Field(64, ge=1, description="Most images in one multipart request.")
+    max_files: int = Field(64, ge=1, description="Most images in one request (multipart parts, or a v2 batch).")
     api_key: SecretStr | None = Field(
         None, description="When set, requests need `Authorization: Bearer <key>` or `X-API-Key: <key>`."
     )
