@@ -286,6 +286,12 @@ def test_unknown_input_or_output_is_400_naming_the_accepted_ones(client):
     assert error.status() == "400" and "'probabilities'" in error.message() and "'logits'" in error.message()
 
 
+def test_an_unknown_cam_class_is_400_naming_the_classes(client):
+    request = [bytes_input(sample_images(1), True)]
+    error = infer_error(lambda: client.infer(MODEL, request, outputs=outputs("cam"), parameters={"cam_class": "Cat"}))
+    assert error.status() == "400" and "cam_class" in error.message() and "Sneaker" in error.message()
+
+
 def test_both_inputs_at_once_is_400(client):
     both = [fp32_input(np.zeros((1, 1, 32, 32), np.float32), True), bytes_input(sample_images(1), True)]
     error = infer_error(lambda: client.infer(MODEL, both))

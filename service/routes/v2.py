@@ -21,11 +21,12 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
+from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import v2_protocol as v2
 from ..artifacts import ServedModel
-from ..classify_flow import Options, infer, prepare_all, resolve_cam_layer
+from ..classify_flow import Answer, Options, infer, prepare_all, resolve_cam_layer
 from ..dependencies import ApiKeyDep, RuntimeDep, StateDep
 from ..inference import PreparedImage
 from ..lifecycle import Runtime, ServiceState, Status
@@ -224,8 +225,10 @@ def check_outputs(wanted: list[v2.RequestedOutput], sig: v2.Signature, served: S
 
 def cam_target(parameters: dict[str, Any], served: ServedModel, runtime: Runtime) -> tuple[int | None, int | None]:
     """(class to explain or None for top-1, autograd cell or None for the backend's exact last-cell CAM)."""
+    value = parameters.get("cam_class")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
+        raise v2.ProtocolError(f"parameters.cam_class must be a class index or label, got {value!r}")
     try:
-        value = parameters.get("cam_class")
         target = None if value is None else served.class_index(value)
         return target, resolve_cam_layer(runtime, None)
     except ValueError as exc:
@@ -274,7 +277,7 @@ def from_base64(text: bytes, index: int) -> bytes:
         ) from None
 
 
-def output_tensor(out: v2.RequestedOutput, answers: list, served: ServedModel) -> v2.Tensor:
+def output_tensor(out: v2.RequestedOutput, answers: list[Answer], served: ServedModel) -> v2.Tensor:
     """One requested output over the batch's answers."""
     if out.name == v2.LOGITS:
         logits = np.stack([a.outcome.result.logits for a in answers])  # (B, K)
@@ -289,7 +292,7 @@ def output_tensor(out: v2.RequestedOutput, answers: list, served: ServedModel) -
     return v2.Tensor(out.name, "FP32", cams.shape, cams)
 
 
-def model_stats(registry: Any, served: ServedModel) -> dict:
+def model_stats(registry: CollectorRegistry, served: ServedModel) -> dict:
     """Triton's per-model statistics from the classify batcher's Prometheus samples (all routes together)."""
 
     def sample(name: str) -> float:
