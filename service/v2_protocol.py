@@ -218,19 +218,23 @@ def _from_binary(chunk: bytes, datatype: str, shape: list[int], count: int, wher
 
 
 def _from_json(data: Any, datatype: str, shape: list[int], count: int, where: str) -> np.ndarray | list[bytes]:
-    flat = list(_flatten(data)) if isinstance(data, list) else [data]
-    if len(flat) != count:
-        raise ProtocolError(f"{where}: shape {shape} needs {count} values, 'data' holds {len(flat)}")
     if datatype == "BYTES":
+        flat = list(_flatten(data)) if isinstance(data, list) else [data]
+        if len(flat) != count:
+            raise ProtocolError(f"{where}: shape {shape} needs {count} values, 'data' holds {len(flat)}")
         if not all(isinstance(v, str) for v in flat):
             raise ProtocolError(f"{where}: BYTES data in JSON must be strings")
         return [v.encode() for v in flat]
-    if any(isinstance(v, (list, dict, str)) or v is None for v in flat):
-        raise ProtocolError(f"{where}: {datatype} data must be numbers")
+    # numpy reads a flat or nested list in C; a Python loop over a million values would take seconds.
     try:
-        return np.asarray(flat, dtype=NUMPY_TYPES[datatype]).reshape(shape)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise ProtocolError(f"{where}: the data are not {datatype} values ({exc})") from None
+        values = np.asarray(data)
+    except ValueError:
+        raise ProtocolError(f"{where}: 'data' must be a flat list of numbers, or nested lists of one shape") from None
+    if values.dtype.kind not in "biuf":
+        raise ProtocolError(f"{where}: {datatype} data must be numbers")
+    if values.size != count:
+        raise ProtocolError(f"{where}: shape {shape} needs {count} values, 'data' holds {values.size}")
+    return values.astype(NUMPY_TYPES[datatype]).reshape(shape)
 
 
 def _flatten(data: list) -> Any:

@@ -109,6 +109,8 @@ def json_request(**entry) -> bytes:
     [
         (json_request(data=[1.0]), None, "shape [1, 2] needs 2 values, 'data' holds 1"),
         (json_request(data=[1.0, "x"]), None, "FP32 data must be numbers"),
+        (json_request(data=[1.0, None]), None, "FP32 data must be numbers"),
+        (json_request(data=[[1.0], [2.0, 3.0]]), None, "nested lists of one shape"),
         (json_request(datatype="FLOAT", data=[1, 2]), None, "'FLOAT' is not a protocol datatype"),
         (json_request(shape=[1, -2], data=[1, 2]), None, "non-negative integers"),
         (json_request(), None, "neither 'data' nor parameters.binary_data_size"),
@@ -128,6 +130,14 @@ def test_malformed_requests_name_the_problem(body, header_length, fragment):
     with pytest.raises(v2.ProtocolError, match=None) as caught:
         v2.parse_infer_request(body, header_length)
     assert fragment in str(caught.value) and caught.value.status == 400
+
+
+def test_nested_json_data_reads_like_flat_data():
+    nested = v2.parse_infer_request(json_request(data=[[1.5, -2]])).inputs[0]
+    flat = v2.parse_infer_request(json_request(data=[1.5, -2])).inputs[0]
+    assert nested.data.dtype == flat.data.dtype == np.float32
+    np.testing.assert_array_equal(nested.data, [[1.5, -2.0]])
+    np.testing.assert_array_equal(flat.data, nested.data)
 
 
 def test_check_input_names_the_accepted_datatype_and_shape():
