@@ -5,9 +5,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 FMNIST := /usr/share/datasets/fashion-mnist
+CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data serve test test-gpu lint export train-demo evaluate-demo bench bench-export bench-service
+.PHONY: setup data browser serve test test-gpu lint export train-demo evaluate-demo bench bench-export bench-service
 
 setup: $(VENV)/.installed
 
@@ -26,11 +27,18 @@ $(FMNIST)/t10k-images-idx3-ubyte.gz:
 	$(SUDO) apt-get update -qq
 	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
 
+# Debian's Chromium, driven by Playwright in the web page's browser tests (Playwright cannot download its own here).
+browser: $(CHROMIUM)
+
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq chromium
+
 serve: setup
 	$(BIN)/python -m service
 
 # The venv's tools (hadolint) on PATH, as an activated venv would have them.
-test: setup data
+test: setup data browser
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
 
 lint: setup

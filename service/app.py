@@ -4,7 +4,8 @@ Layout (the FastAPI "bigger applications" shape):
   lifecycle.py       Status, ServiceState, Runtime, load_model, lifespan (owns every resource)
   dependencies.py    StateDep, RuntimeDep, ApiKeyDep (`Annotated[..., Depends()]` aliases)
   classify_flow.py   the steps of one /classify request (options, uploads, decode, batchers, response)
-  routes/*.py        one `router = APIRouter(...)` per role: operations, classify, v2 (KServe v2)
+  routes/*.py        one `router = APIRouter(...)` per role: operations, classify, v2 (KServe v2),
+                     docs (offline /docs, /redoc), ui (the web page at /)
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from .backends import Backend
 from .lifecycle import ServiceState, lifespan
 from .metrics import Metrics
 from .middleware import BodyLimitMiddleware, BodyTooLarge, MetricsMiddleware, too_large_response
-from .routes import classify, operations, v2
+from .routes import classify, docs, operations, ui, v2
 from .settings import Settings, get_settings
 
 
@@ -34,6 +35,8 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
         version="1",
         summary="Image classification with dynamic batching and Grad-CAM maps",
         lifespan=lifespan,
+        docs_url=None,  # routes.docs serves /docs and /redoc from packaged assets; FastAPI's own use a CDN
+        redoc_url=None,
     )
     app.state.service = ServiceState(settings, metrics)
     app.state.given_backend = backend
@@ -52,4 +55,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     app.include_router(operations.router)
     app.include_router(classify.router)
     app.include_router(v2.router)
+    app.include_router(docs.router)
+    if settings.ui:
+        app.include_router(ui.router)
     return app

@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         None, description="When set, requests need `Authorization: Bearer <key>` or `X-API-Key: <key>`."
     )
+    ui: bool = Field(True, description="Serve the web page at / (false: the API alone; /docs stays).")
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma-separated origins allowed by CORS; empty (default) disables CORS."
     )

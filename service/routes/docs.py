@@ -1,0 +1,77 @@
+"""`/docs` (Swagger UI) and `/redoc` that work without internet.
+
+FastAPI's own pages load their JavaScript and CSS from a CDN, which leaves them blank in a closed network.
+These serve the same UIs from the files the `fastapi-offline` package ships; create the app with
+`docs_url=None, redoc_url=None` so that FastAPI's CDN pages are not registered as well.
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.responses import FileResponse, HTMLResponse
+
+router = APIRouter(include_in_schema=False)
+
+ASSETS_PATH = "/docs/assets"
+ASSETS = {
+    "swagger-ui-bundle.js": "text/javascript",
+    "swagger-ui.css": "text/css",
+    "redoc.standalone.js": "text/javascript",
+    "favicon.png": "image/png",
+}
+
+
+def assets_folder() -> Path:
+    """Where `fastapi-offline` keeps Swagger UI and ReDoc in the installed environment."""
+    return Path(str(files("fastapi_offline").joinpath("static")))
+
+
+def asset_url(request: Request, name: str) -> str:
+    return f"{request.scope.get('root_path', '')}{ASSETS_PATH}/{name}"
+
+
+@router.get("/docs")
+async def swagger_ui(request: Request) -> HTMLResponse:
+    """Swagger UI for this app's OpenAPI schema."""
+    app = request.app
+    return get_swagger_ui_html(
+        openapi_url=f"{request.scope.get('root_path', '')}{app.openapi_url}",
+        title=f"{app.title} - Swagger UI",
+        swagger_js_url=asset_url(request, "swagger-ui-bundle.js"),
+        swagger_css_url=asset_url(request, "swagger-ui.css"),
+        swagger_favicon_url=asset_url(request, "favicon.png"),
+        oauth2_redirect_url=app.swagger_ui_oauth2_redirect_url,
+        swagger_ui_parameters=app.swagger_ui_parameters,
+    )
+
+
+@router.get("/docs/oauth2-redirect")
+async def swagger_ui_oauth2_redirect() -> HTMLResponse:
+    """Swagger UI's OAuth2 redirect page (FastAPI's, unchanged)."""
+    return get_swagger_ui_oauth2_redirect_html()
+
+
+@router.get("/redoc")
+async def redoc(request: Request) -> HTMLResponse:
+    """ReDoc for this app's OpenAPI schema, with the system fonts (no Google Fonts)."""
+    app = request.app
+    return get_redoc_html(
+        openapi_url=f"{request.scope.get('root_path', '')}{app.openapi_url}",
+        title=f"{app.title} - ReDoc",
+        redoc_js_url=asset_url(request, "redoc.standalone.js"),
+        redoc_favicon_url=asset_url(request, "favicon.png"),
+        with_google_fonts=False,
+    )
+
+
+@router.get(ASSETS_PATH + "/{name}")
+async def docs_asset(name: str) -> FileResponse:
+    """One of the files Swagger UI and ReDoc need."""
+    media_type = ASSETS.get(name)
+    if media_type is None:
+        raise HTTPException(404, detail=f"no docs asset named {name!r}; the docs use {', '.join(ASSETS)}")
+    return FileResponse(assets_folder() / name, media_type=media_type)
