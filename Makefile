@@ -8,7 +8,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data browser serve test test-gpu lint export train-demo evaluate-demo bench bench-export bench-service
+.PHONY: setup data browser ui-screenshot serve test test-gpu lint export train-demo evaluate-demo bench bench-export bench-service
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,12 @@ browser: $(CHROMIUM)
 $(CHROMIUM):
 	$(SUDO) apt-get update -qq
 	$(SUDO) apt-get install -y -qq chromium
+
+# The README's picture of the web page: taken by the browser tests (test-artifacts/ui/readme.png), copied here.
+ui-screenshot: setup browser
+	$(BIN)/python -m pytest -q tests/test_service_ui.py -k several
+	mkdir -p docs
+	cp test-artifacts/ui/readme.png docs/ui.png
 
 serve: setup
 	$(BIN)/python -m service

@@ -42,6 +42,8 @@ ANKLE_BOOT = SAMPLES / "test00000_ankle-boot.png"
 SNEAKER = SAMPLES / "test00009_sneaker.png"
 TROUSER = SAMPLES / "test00002_trouser.png"
 NOT_AN_IMAGE = b"these are notes, not a picture\n"
+DESKTOP = {"width": 1100, "height": 800}
+PHONE = {"width": 375, "height": 740}
 TIMEOUT_MS = 60_000  # generous: the machine running the tests may be busy
 
 
@@ -185,21 +187,25 @@ class OfflineContext:
             self.outside.append(route.request.url)
             route.abort("internetdisconnected")
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.context.close()
-
 
 @pytest.fixture
 def offline(browser):
-    with OfflineContext(browser, viewport={"width": 1100, "height": 800}) as context:
-        yield context
-    assert context.outside == [], f"the page tried to reach the internet: {context.outside}"
+    """Opens offline browser contexts; after the test, none of them may have tried to reach the internet."""
+    contexts: list[OfflineContext] = []
+
+    def open_context(**options) -> OfflineContext:
+        contexts.append(OfflineContext(browser, **({"viewport": DESKTOP} | options)))
+        return contexts[-1]
+
+    yield open_context
+    for context in contexts:
+        context.context.close()
+    outside = [url for context in contexts for url in context.outside]
+    assert outside == [], f"the page tried to reach the internet: {outside}"
 
 
 def open_page(context: OfflineContext, url: str):
+    """The page at `url`/ in a new tab; `page.errors` collects its uncaught script errors."""
     page = context.context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -226,16 +232,26 @@ def wait_for_overlay(card) -> str:
     return heatmap.get_attribute("src")
 
 
-def screenshot(page, name: str) -> Path:
+def screenshot(page, name: str, full_page: bool = True) -> Path:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     path = SCREENSHOTS / f"{name}.png"
-    page.screenshot(path=path, full_page=True)
+    page.screenshot(path=path, full_page=full_page)
+    return path
+
+
+def readme_screenshot(page) -> Path:
+    """The viewport only, as a small palette PNG (README.md shows it; `make ui-screenshot` copies it to docs/)."""
+    path = screenshot(page, "readme", full_page=False)
+    Image.open(path).convert("RGB").quantize(colors=96, dither=Image.Dither.NONE).save(path, optimize=True)
     return path
 
 
 def test_a_sample_gets_the_services_top_class_and_its_grad_cam(offline, demo_url):
-    page = open_page(offline, demo_url)
-    upload(page, ANKLE_BOOT)
+    page = open_page(offline(), demo_url)
+    with page.expect_file_chooser() as chooser:  # the picker, opened from the keyboard
+        page.locator("#choose-button").focus()
+        page.keyboard.press("Enter")
+    chooser.value.set_files(ANKLE_BOOT)
     card = page.locator(".card").first
     shown = card_top1(card)
     source = wait_for_overlay(card)
@@ -256,7 +272,7 @@ def test_a_sample_gets_the_services_top_class_and_its_grad_cam(offline, demo_url
 
 
 def test_choosing_another_class_by_keyboard_redraws_the_overlay(offline, demo_url):
-    page = open_page(offline, demo_url)
+    page = open_page(offline(), demo_url)
     upload(page, ANKLE_BOOT)
     card = page.locator(".card").first
     card_top1(card)
@@ -289,7 +305,7 @@ def test_choosing_another_class_by_keyboard_redraws_the_overlay(offline, demo_ur
 
 
 def test_a_text_file_shows_the_services_error(offline, demo_url):
-    page = open_page(offline, demo_url)
+    page = open_page(offline(), demo_url)
     upload(page, {"name": "notes.txt", "mimeType": "text/plain", "buffer": NOT_AN_IMAGE})
     error = page.locator(".card .error-text")
     error.wait_for()
@@ -312,41 +328,46 @@ DROP_AND_PASTE = """(data) => {
 
 
 def test_several_dropped_and_pasted_images_get_one_card_each(offline, demo_url):
-    page = open_page(offline, demo_url)
-    upload(page, SNEAKER, TROUSER)
+    page = open_page(offline(viewport={"width": 1280, "height": 790}), demo_url)
+    upload(page, ANKLE_BOOT, TROUSER)
+    cards = page.locator(".card")
+    for i in range(2):
+        card_top1(cards.nth(i))
+        wait_for_overlay(cards.nth(i))
+    readme_screenshot(page)
+
     # What a drop from the file manager and a paste of a copied image deliver: DataTransfer objects with files.
     page.evaluate(DROP_AND_PASTE, base64.b64encode(ANKLE_BOOT.read_bytes()).decode())
-    cards = page.locator(".card")
-    cards.nth(3).wait_for()
-    assert cards.count() == 4
-    names = [cards.nth(i).locator(".file-name").inner_text() for i in range(4)]
-    assert names == [SNEAKER.name, TROUSER.name, "dropped.png", "pasted.png"]
-    labels = [card_top1(cards.nth(i)) for i in range(4)]
-    assert labels == ["Sneaker", "Trouser", "Ankle boot", "Ankle boot"]
-    for i in range(4):
+    upload(page, SNEAKER)
+    cards.nth(4).wait_for()
+    assert cards.count() == 5
+    names = [cards.nth(i).locator(".file-name").inner_text() for i in range(5)]
+    assert names == [ANKLE_BOOT.name, TROUSER.name, "dropped.png", "pasted.png", SNEAKER.name]
+    labels = [card_top1(cards.nth(i)) for i in range(5)]
+    assert labels == ["Ankle boot", "Trouser", "Ankle boot", "Ankle boot", "Sneaker"]
+    for i in range(5):
         wait_for_overlay(cards.nth(i))
     screenshot(page, "several")
     assert page.errors == []
 
 
-def test_the_page_fits_a_phone_width_screen(browser, demo_url):
-    with OfflineContext(browser, viewport={"width": 375, "height": 740}, is_mobile=True, has_touch=True) as offline:
-        page = open_page(offline, demo_url)
-        upload(page, ANKLE_BOOT)
-        card = page.locator(".card").first
-        card_top1(card)
-        wait_for_overlay(card)
-        overflow = page.evaluate("() => document.documentElement.scrollWidth - window.innerWidth")
-        assert overflow <= 0
-        box = card.locator(".stage").bounding_box()
-        assert box["x"] >= 0 and box["x"] + box["width"] <= 375
-        screenshot(page, "phone")
-        assert offline.outside == [] and page.errors == []
+def test_the_page_fits_a_phone_width_screen(offline, demo_url):
+    page = open_page(offline(viewport=PHONE, is_mobile=True, has_touch=True), demo_url)
+    upload(page, ANKLE_BOOT)
+    card = page.locator(".card").first
+    card_top1(card)
+    wait_for_overlay(card)
+    assert page.evaluate("() => document.documentElement.scrollWidth - window.innerWidth") <= 0
+    for part in [".stage", ".predictions", ".view-controls", ".timing"]:
+        box = card.locator(part).bounding_box()
+        assert box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], part
+    screenshot(page, "phone")
+    assert page.errors == []
 
 
-def test_with_an_api_key_the_page_asks_for_it_and_sends_it(browser, artifacts):
-    with serving(artifacts, api_key="page-secret") as base, OfflineContext(browser) as offline:
-        page = open_page(offline, base)
+def test_with_an_api_key_the_page_asks_for_it_and_sends_it(offline, artifacts):
+    with serving(artifacts, api_key="page-secret") as base:
+        page = open_page(offline(), base)
         key_form = page.locator("#key-form")
         key_form.wait_for(state="visible")
         upload(page, ANKLE_BOOT)
@@ -359,7 +380,7 @@ def test_with_an_api_key_the_page_asks_for_it_and_sends_it(browser, artifacts):
         wait_for_overlay(card)
         assert key_form.is_hidden()
         assert "vitae_fmnist" in page.locator("#model-info").inner_text()
-        assert offline.outside == [] and page.errors == []
+        assert page.errors == []
 
 
 class HeldWarmUp:
@@ -381,10 +402,10 @@ class HeldWarmUp:
         self.real.close()
 
 
-def test_a_busy_service_is_reported_and_the_image_can_be_sent_again(browser, artifacts):
+def test_a_busy_service_is_reported_and_the_image_can_be_sent_again(offline, artifacts):
     backend = HeldWarmUp(artifacts)
-    with serving(artifacts, backend=backend, ready=False) as base, OfflineContext(browser) as offline:
-        page = open_page(offline, base)
+    with serving(artifacts, backend=backend, ready=False) as base:
+        page = open_page(offline(), base)
         page.locator("#model-info", has_text="not ready").wait_for()
         upload(page, ANKLE_BOOT)
         card = page.locator(".card").first
@@ -397,13 +418,13 @@ def test_a_busy_service_is_reported_and_the_image_can_be_sent_again(browser, art
         assert card_top1(card)
         assert card.locator(".error").is_hidden()
         page.locator("#model-info", has_text="vitae_fmnist").wait_for()  # the page asked /model again
-        assert offline.outside == [] and page.errors == []
+        assert page.errors == []
 
 
 @pytest.mark.parametrize(("page_path", "rendered"), [("docs", ".opblock"), ("redoc", "[data-section-id]")])
 def test_docs_render_the_operations_with_the_internet_blocked(offline, artifacts, page_path, rendered):
     with serving(artifacts) as base:
-        page = offline.context.new_page()
+        page = offline().context.new_page()
         page.goto(f"{base}/{page_path}")
         page.locator(rendered).first.wait_for()
         page.get_by_text("/classify").first.wait_for()

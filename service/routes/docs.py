@@ -2,7 +2,9 @@
 
 FastAPI's own pages load their JavaScript and CSS from a CDN, which leaves them blank in a closed network.
 These serve the same UIs from the files the `fastapi-offline` package ships; create the app with
-`docs_url=None, redoc_url=None` so that FastAPI's CDN pages are not registered as well.
+`docs_url=None, redoc_url=None` so that FastAPI's CDN pages are not registered as well. Their
+Content-Security-Policy keeps the browser from reaching outside at all (ReDoc's footer links a logo on a CDN:
+blocked, it is simply not shown).
 """
 
 from __future__ import annotations
@@ -17,6 +19,20 @@ from fastapi.responses import FileResponse, HTMLResponse
 router = APIRouter(include_in_schema=False)
 
 ASSETS_PATH = "/docs/assets"
+# FastAPI's page templates start the UIs with an inline script; ReDoc styles inline and searches in a blob worker.
+DOCS_POLICY = "; ".join(
+    [
+        "default-src 'self'",
+        "script-src 'self' 'unsafe-inline'",
+        "style-src 'self' 'unsafe-inline'",
+        "img-src 'self' data: blob:",
+        "font-src 'self' data:",
+        "worker-src 'self' blob:",
+        "connect-src 'self'",
+        "base-uri 'self'",
+        "frame-ancestors 'none'",
+    ]
+)
 ASSETS = {
     "swagger-ui-bundle.js": "text/javascript",
     "swagger-ui.css": "text/css",
@@ -38,7 +54,7 @@ def asset_url(request: Request, name: str) -> str:
 async def swagger_ui(request: Request) -> HTMLResponse:
     """Swagger UI for this app's OpenAPI schema."""
     app = request.app
-    return get_swagger_ui_html(
+    page = get_swagger_ui_html(
         openapi_url=f"{request.scope.get('root_path', '')}{app.openapi_url}",
         title=f"{app.title} - Swagger UI",
         swagger_js_url=asset_url(request, "swagger-ui-bundle.js"),
@@ -47,6 +63,8 @@ async def swagger_ui(request: Request) -> HTMLResponse:
         oauth2_redirect_url=app.swagger_ui_oauth2_redirect_url,
         swagger_ui_parameters=app.swagger_ui_parameters,
     )
+    page.headers["Content-Security-Policy"] = DOCS_POLICY
+    return page
 
 
 @router.get("/docs/oauth2-redirect")
@@ -59,13 +77,15 @@ async def swagger_ui_oauth2_redirect() -> HTMLResponse:
 async def redoc(request: Request) -> HTMLResponse:
     """ReDoc for this app's OpenAPI schema, with the system fonts (no Google Fonts)."""
     app = request.app
-    return get_redoc_html(
+    page = get_redoc_html(
         openapi_url=f"{request.scope.get('root_path', '')}{app.openapi_url}",
         title=f"{app.title} - ReDoc",
         redoc_js_url=asset_url(request, "redoc.standalone.js"),
         redoc_favicon_url=asset_url(request, "favicon.png"),
         with_google_fonts=False,
     )
+    page.headers["Content-Security-Policy"] = DOCS_POLICY
+    return page
 
 
 @router.get(ASSETS_PATH + "/{name}")

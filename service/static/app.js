@@ -20,9 +20,10 @@ const page = {
   template: document.getElementById("card-template"),
 };
 
+const cards = new Set();
 // Cards waiting for an API key are re-sent once the user gives one.
 const waitingForKey = new Set();
-let cardCount = 0;
+let cardCount = 0; // names each card's radio group
 
 // ------------------------------------------------------------------ talking to the service
 
@@ -218,8 +219,6 @@ function addCard(file) {
   cards.add(card);
   classify(card);
 }
-
-const cards = new Set();
 
 function removeCard(card) {
   cards.delete(card);
