@@ -44,6 +44,9 @@ TROUSER = SAMPLES / "test00002_trouser.png"
 NOT_AN_IMAGE = b"these are notes, not a picture\n"
 DESKTOP = {"width": 1100, "height": 800}
 PHONE = {"width": 375, "height": 740}
+# ReDoc's footer shows a logo from its CDN, hard-coded in redoc.standalone.js; the docs' CSP refuses it and ReDoc
+# hides the image. The only outside load tolerated, and only as refused by the policy (never on the network).
+REDOC_LOGO = "https://cdn.redoc.ly/redoc/logo-mini.svg"
 TIMEOUT_MS = 60_000  # generous: the machine running the tests may be busy
 
 
@@ -171,13 +174,23 @@ def browser():
 
 
 class OfflineContext:
-    """A browser context in which every request to a host other than 127.0.0.1/localhost is aborted and recorded."""
+    """A browser context in which every request to a host other than 127.0.0.1/localhost is aborted and recorded.
+
+    The service's pages carry a Content-Security-Policy, so the browser refuses most outside loads before they
+    reach the network: those refusals are recorded too (`refused`), from the console messages Chromium writes.
+    """
 
     def __init__(self, browser, **options) -> None:
         self.context = browser.new_context(**options)
         self.context.set_default_timeout(TIMEOUT_MS)
         self.outside: list[str] = []
+        self.refused: list[str] = []
         self.context.route("**/*", self._route)
+        self.context.on("console", self._console)
+
+    def _console(self, message) -> None:
+        if "Content Security Policy" in message.text:
+            self.refused.append(message.text)
 
     def _route(self, route) -> None:
         host = urlsplit(route.request.url).hostname
@@ -202,6 +215,8 @@ def offline(browser):
         context.context.close()
     outside = [url for context in contexts for url in context.outside]
     assert outside == [], f"the page tried to reach the internet: {outside}"
+    refused = [text for context in contexts for text in context.refused if REDOC_LOGO not in text]
+    assert refused == [], f"the page tried to load what its Content-Security-Policy forbids: {refused}"
 
 
 def open_page(context: OfflineContext, url: str):
