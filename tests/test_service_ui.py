@@ -16,27 +16,18 @@ import sys
 import threading
 import zipfile
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from conftest import DEMO_CHECKPOINT, ROOT, SAMPLES
 from PIL import Image
-from test_service_support import exported, sample_images, serving, wait_ready
+from support.browser import CHROMIUM, CHROMIUM_ARGS, OfflineContext
+from support.checkpoints import DEMO_CHECKPOINT, ROOT, exported
+from support.images import SAMPLES, sample_images
+from support.server import serving, wait_ready
 
 from service.routes import docs as docs_routes
 from service.routes import ui as ui_routes
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 SCREENSHOTS = ROOT / "test-artifacts" / "ui"
 ANKLE_BOOT = SAMPLES / "test00000_ankle-boot.png"
 SNEAKER = SAMPLES / "test00009_sneaker.png"
@@ -173,60 +164,22 @@ def browser():
         browser.close()
 
 
-class OfflineContext:
-    """A browser context in which every request to a host other than 127.0.0.1/localhost is aborted and recorded.
-
-    The service's pages carry a Content-Security-Policy, so the browser refuses most outside loads before they
-    reach the network: those refusals are recorded too (`refused`), from the console messages Chromium writes.
-    """
-
-    def __init__(self, browser, **options) -> None:
-        self.context = browser.new_context(**options)
-        self.context.set_default_timeout(TIMEOUT_MS)
-        self.outside: list[str] = []
-        self.refused: list[str] = []
-        self.context.route("**/*", self._route)
-        self.context.on("console", self._console)
-
-    def _console(self, message) -> None:
-        if "Content Security Policy" in message.text:
-            self.refused.append(message.text)
-
-    def _route(self, route) -> None:
-        host = urlsplit(route.request.url).hostname
-        if route.request.url.startswith(("data:", "blob:")) or host in ("127.0.0.1", "localhost"):
-            route.continue_()
-        else:
-            self.outside.append(route.request.url)
-            route.abort("internetdisconnected")
-
-
 @pytest.fixture
 def offline(browser):
     """Opens offline browser contexts; after the test, none of them may have tried to reach the internet."""
     contexts: list[OfflineContext] = []
 
     def open_context(**options) -> OfflineContext:
-        contexts.append(OfflineContext(browser, **({"viewport": DESKTOP} | options)))
+        contexts.append(OfflineContext(browser, timeout_ms=TIMEOUT_MS, **({"viewport": DESKTOP} | options)))
         return contexts[-1]
 
     yield open_context
     for context in contexts:
-        context.context.close()
+        context.close()
     outside = [url for context in contexts for url in context.outside]
     assert outside == [], f"the page tried to reach the internet: {outside}"
     refused = [text for context in contexts for text in context.refused if REDOC_LOGO not in text]
     assert refused == [], f"the page tried to load what its Content-Security-Policy forbids: {refused}"
-
-
-def open_page(context: OfflineContext, url: str):
-    """The page at `url`/ in a new tab; `page.errors` collects its uncaught script errors."""
-    page = context.context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(f"{url}/")
-    page.errors = errors
-    return page
 
 
 def upload(page, *files) -> None:
@@ -262,7 +215,7 @@ def readme_screenshot(page) -> Path:
 
 
 def test_a_sample_gets_the_services_top_class_and_its_grad_cam(offline, demo_url):
-    page = open_page(offline(), demo_url)
+    page = offline().open(f"{demo_url}/")
     with page.expect_file_chooser() as chooser:  # the picker, opened from the keyboard
         page.locator("#choose-button").focus()
         page.keyboard.press("Enter")
@@ -287,7 +240,7 @@ def test_a_sample_gets_the_services_top_class_and_its_grad_cam(offline, demo_url
 
 
 def test_choosing_another_class_by_keyboard_redraws_the_overlay(offline, demo_url):
-    page = open_page(offline(), demo_url)
+    page = offline().open(f"{demo_url}/")
     upload(page, ANKLE_BOOT)
     card = page.locator(".card").first
     card_top1(card)
@@ -320,7 +273,7 @@ def test_choosing_another_class_by_keyboard_redraws_the_overlay(offline, demo_ur
 
 
 def test_a_text_file_shows_the_services_error(offline, demo_url):
-    page = open_page(offline(), demo_url)
+    page = offline().open(f"{demo_url}/")
     upload(page, {"name": "notes.txt", "mimeType": "text/plain", "buffer": NOT_AN_IMAGE})
     error = page.locator(".card .error-text")
     error.wait_for()
@@ -343,7 +296,7 @@ DROP_AND_PASTE = """(data) => {
 
 
 def test_several_dropped_and_pasted_images_get_one_card_each(offline, demo_url):
-    page = open_page(offline(viewport={"width": 1280, "height": 790}), demo_url)
+    page = offline(viewport={"width": 1280, "height": 790}).open(f"{demo_url}/")
     upload(page, ANKLE_BOOT, TROUSER)
     cards = page.locator(".card")
     for i in range(2):
@@ -367,7 +320,7 @@ def test_several_dropped_and_pasted_images_get_one_card_each(offline, demo_url):
 
 
 def test_the_page_fits_a_phone_width_screen(offline, demo_url):
-    page = open_page(offline(viewport=PHONE, is_mobile=True, has_touch=True), demo_url)
+    page = offline(viewport=PHONE, is_mobile=True, has_touch=True).open(f"{demo_url}/")
     upload(page, ANKLE_BOOT)
     card = page.locator(".card").first
     card_top1(card)
@@ -382,7 +335,7 @@ def test_the_page_fits_a_phone_width_screen(offline, demo_url):
 
 def test_with_an_api_key_the_page_asks_for_it_and_sends_it(offline, artifacts):
     with serving(artifacts, api_key="page-secret") as base:
-        page = open_page(offline(), base)
+        page = offline().open(f"{base}/")
         key_form = page.locator("#key-form")
         key_form.wait_for(state="visible")
         upload(page, ANKLE_BOOT)
@@ -420,7 +373,7 @@ class HeldWarmUp:
 def test_a_busy_service_is_reported_and_the_image_can_be_sent_again(offline, artifacts):
     backend = HeldWarmUp(artifacts)
     with serving(artifacts, backend=backend, ready=False) as base:
-        page = open_page(offline(), base)
+        page = offline().open(f"{base}/")
         page.locator("#model-info", has_text="not ready").wait_for()
         upload(page, ANKLE_BOOT)
         card = page.locator(".card").first
@@ -439,8 +392,7 @@ def test_a_busy_service_is_reported_and_the_image_can_be_sent_again(offline, art
 @pytest.mark.parametrize(("page_path", "rendered"), [("docs", ".opblock"), ("redoc", "[data-section-id]")])
 def test_docs_render_the_operations_with_the_internet_blocked(offline, artifacts, page_path, rendered):
     with serving(artifacts) as base:
-        page = offline().context.new_page()
-        page.goto(f"{base}/{page_path}")
+        page = offline().open(f"{base}/{page_path}")
         page.locator(rendered).first.wait_for()
         page.get_by_text("/classify").first.wait_for()
         assert page.locator(rendered).count() >= 5
