@@ -351,19 +351,21 @@ def test_with_an_api_key_the_page_asks_for_it_and_sends_it(offline, artifacts):
         assert page.errors == []
 
 
-class HeldWarmUp:
-    """The real backend, whose warm-up waits until the test releases it: the service answers 503 until then."""
+class HeldBackend:
+    """The real backend, whose calls wait while the test holds them: 503 while warm-up waits, 504 past a deadline."""
 
-    def __init__(self, artifacts: Path) -> None:
+    def __init__(self, artifacts: Path, *, held: bool) -> None:
         from service.artifacts import read_artifacts
         from service.backends import OnnxRuntimeBackend
 
         self.real = OnnxRuntimeBackend(read_artifacts(artifacts), gpu=False, threads=1)
         self.name, self.device = self.real.name, self.real.device
-        self.release = threading.Event()
+        self.released = threading.Event()
+        if not held:
+            self.released.set()
 
     def infer(self, images):
-        self.release.wait(60)
+        self.released.wait(60)
         return self.real.infer(images)
 
     def close(self) -> None:
@@ -371,7 +373,7 @@ class HeldWarmUp:
 
 
 def test_a_busy_service_is_reported_and_the_image_can_be_sent_again(offline, artifacts):
-    backend = HeldWarmUp(artifacts)
+    backend = HeldBackend(artifacts, held=True)  # warm-up waits: the model stays "loading"
     with serving(artifacts, backend=backend, ready=False) as base:
         page = offline().open(f"{base}/")
         page.locator("#model-info", has_text="not ready").wait_for()
@@ -380,12 +382,30 @@ def test_a_busy_service_is_reported_and_the_image_can_be_sent_again(offline, art
         error = card.locator(".error-text", has_text="(503)")
         error.wait_for()
         assert "still loading" in error.inner_text()
-        backend.release.set()
+        backend.released.set()
         wait_ready(base)
         card.locator(".retry").click()
         assert card_top1(card)
         assert card.locator(".error").is_hidden()
         page.locator("#model-info", has_text="vitae_fmnist").wait_for()  # the page asked /model again
+        assert page.errors == []
+
+
+def test_a_slow_answer_is_reported_and_the_image_can_be_sent_again(offline, artifacts):
+    backend = HeldBackend(artifacts, held=False)
+    with serving(artifacts, backend=backend, request_timeout_s=3) as base:
+        page = offline().open(f"{base}/")
+        page.locator("#model-info", has_text="vitae_fmnist").wait_for()
+        backend.released.clear()  # the next batch outlives the request's deadline
+        upload(page, ANKLE_BOOT)
+        card = page.locator(".card").first
+        error = card.locator(".error-text", has_text="(504)")
+        error.wait_for()
+        assert "too slow" in error.inner_text() and "VITAE_REQUEST_TIMEOUT_S" in error.inner_text()
+        backend.released.set()
+        card.locator(".retry").click()
+        assert card_top1(card)
+        assert card.locator(".error").is_hidden()
         assert page.errors == []
 
 
