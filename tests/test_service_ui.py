@@ -272,6 +272,30 @@ def test_choosing_another_class_by_keyboard_redraws_the_overlay(offline, demo_ur
     assert page.errors == []
 
 
+@pytest.mark.parametrize(
+    ("model", "line"),
+    [
+        (
+            {"name": "m", "version": "2", "backend": "openvino", "device": "cpu", "precision": "int8"},
+            "m (version 2) · openvino on cpu · int8",
+        ),
+        (
+            {"name": "m", "backend": {"name": "tensorrt", "device": "cuda:0", "precision": "fp16"}, "class_names": {}},
+            "m · tensorrt on cuda:0 · fp16",
+        ),
+        ({"class_names": ["a", "b", "c"], "extra": [1, 2]}, "unnamed model · 3 classes"),
+    ],
+    ids=["flat", "nested", "sparse"],
+)
+def test_the_model_line_reads_whatever_model_returns(offline, demo_url, model, line):
+    """/model grows fields (precision, backend details); the page shows what it finds and skips what it lacks."""
+    page = offline().open(f"{demo_url}/")
+    page.locator("#model-info", has_text="vitae_fmnist").wait_for()
+    page.evaluate("model => showModel(model)", model)
+    assert page.locator("#model-info").inner_text() == line
+    assert page.errors == []
+
+
 def test_a_text_file_shows_the_services_error(offline, demo_url):
     page = offline().open(f"{demo_url}/")
     upload(page, {"name": "notes.txt", "mimeType": "text/plain", "buffer": NOT_AN_IMAGE})

@@ -94,17 +94,21 @@ function describeValue(value) {
 }
 
 function classCount(model) {
-  if (Array.isArray(model.class_names) && model.class_names.length > 0) return model.class_names.length;
+  const names = model.class_names;
+  if (Array.isArray(names) && names.length > 0) return names.length;
+  if (names && typeof names === "object" && Object.keys(names).length > 0) return Object.keys(names).length;
   if (Number.isInteger(model.num_classes) && model.num_classes > 0) return model.num_classes;
   return null;
 }
 
 function showModel(model) {
+  // Fields may sit at the top level or inside a `backend` object, depending on the service's version.
+  const inner = model.backend && typeof model.backend === "object" ? model.backend : {};
   const name = describeValue(model.name) || "unnamed model";
   const version = describeValue(model.version);
   const backend = describeValue(model.backend);
-  const device = describeValue(model.device);
-  const precision = describeValue(model.precision);
+  const device = describeValue(model.device ?? inner.device);
+  const precision = describeValue(model.precision ?? inner.precision);
   const parts = [version ? `${name} (version ${version})` : name];
   if (backend) parts.push(device ? `${backend} on ${device}` : backend);
   else if (device) parts.push(device);
