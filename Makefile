@@ -32,7 +32,7 @@ browser: $(CHROMIUM)
 
 $(CHROMIUM):
 	$(SUDO) apt-get update -qq
-	$(SUDO) apt-get install -y -qq chromium
+	$(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
 # The README's picture of the web page: taken by the browser tests (test-artifacts/ui/readme.png), copied here.
 ui-screenshot: setup browser
