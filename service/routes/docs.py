@@ -47,6 +47,7 @@ def assets_folder() -> Path:
 
 
 def asset_url(request: Request, name: str) -> str:
+    """The URL of one docs asset, under the app's root path (behind a proxy that mounts it below /)."""
     return f"{request.scope.get('root_path', '')}{ASSETS_PATH}/{name}"
 
 
