@@ -21,6 +21,9 @@ RESAMPLE = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+# Formats read as one of the accepted ones: a JPEG with a multi-picture (MPF) segment, as phones and cameras
+# write them, is opened by Pillow as MPO; its first frame is the JPEG picture.
+READ_AS = {"MPO": "JPEG"}
 
 
 class ImageDecodeError(ValueError):
@@ -53,13 +56,13 @@ def decode_image(data: bytes, *, max_pixels: int | None = None, target_size: int
             raise ImageDecodeError(
                 f"not a decodable image ({type(exc).__name__}: {exc}); accepted formats: {', '.join(ACCEPTED_FORMATS)}"
             ) from exc
-    if image.format not in ACCEPTED_FORMATS:
+    if READ_AS.get(image.format, image.format) not in ACCEPTED_FORMATS:
         raise ImageDecodeError(f"image format {image.format} is not accepted; use one of {', '.join(ACCEPTED_FORMATS)}")
     width, height = image.size
     if max_pixels is not None and width * height > max_pixels:
         raise ImageTooLargeError(f"image has {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
     try:
-        if image.format == "JPEG" and target_size:
+        if READ_AS.get(image.format, image.format) == "JPEG" and target_size:
             # Draft picks the largest 1/2, 1/4, 1/8 scale that keeps both sides >= the request.
             image.draft(image.mode, (target_size, target_size))
         image.seek(0)
@@ -85,7 +88,18 @@ def to_model_mode(image: Image.Image, in_chans: int) -> Image.Image:
     target = "L" if in_chans == 1 else "RGB"
     if in_chans not in (1, 3):
         raise ValueError(f"only 1- or 3-channel models are supported, got in_chans={in_chans}")
-    return image.convert(target) if image.mode != target else image
+    if image.mode == target:
+        return image
+    try:
+        return image.convert(target)
+    except ValueError:  # no direct conversion (LAB to L, say): through RGB, Pillow's hub for colour spaces
+        pass
+    try:
+        return image.convert("RGB").convert(target)
+    except ValueError as exc:
+        raise ImageDecodeError(
+            f"image mode {image.mode} cannot be converted to {target}; send an RGB or grayscale image"
+        ) from exc
 
 
 def resize_size(prep: Preprocessing) -> int:

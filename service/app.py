@@ -17,13 +17,24 @@ from fastapi.responses import JSONResponse
 from .backends import Backend
 from .lifecycle import ServiceState, lifespan
 from .metrics import Metrics
-from .middleware import BodyLimitMiddleware, BodyTooLarge, MetricsMiddleware, too_large_response
+from .middleware import (
+    BodyLimitMiddleware,
+    BodyTimeout,
+    BodyTooLarge,
+    MetricsMiddleware,
+    body_timeout_response,
+    too_large_response,
+)
 from .routes import classify, docs, operations, ui, v2
 from .settings import Settings, get_settings
 
 
 async def body_too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
     return too_large_response(exc.limit)
+
+
+async def body_timeout(request: Request, exc: BodyTimeout) -> JSONResponse:
+    return body_timeout_response(exc, request.url.path)
 
 
 def create_app(settings: Settings | None = None, *, backend: Backend | None = None) -> FastAPI:
@@ -41,7 +52,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     app.state.service = ServiceState(settings, metrics)
     app.state.given_backend = backend
 
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     if settings.cors_origins:
         app.add_middleware(
@@ -51,6 +62,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
             allow_headers=["Authorization", "X-API-Key", "Content-Type"],
         )
     app.add_exception_handler(BodyTooLarge, body_too_large)
+    app.add_exception_handler(BodyTimeout, body_timeout)
 
     app.include_router(operations.router)
     app.include_router(classify.router)

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .metrics import Metrics
+
+log = logging.getLogger("service")
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away before the answer
 
 
 class BodyTooLarge(Exception):
@@ -18,6 +25,13 @@ class BodyTooLarge(Exception):
         self.limit = limit
 
 
+class BodyTimeout(Exception):
+    """The request body did not arrive in full within the body timeout."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(f"the request body did not arrive within {timeout_s:g} s (VITAE_BODY_TIMEOUT_S)")
+
+
 def too_large_response(limit: int, path: str = "") -> JSONResponse:
     """413 in the error body of the route's protocol: {"error": ...} under /v2 (KServe v2), else {"detail": ...}."""
     key = "error" if path == "/v2" or path.startswith("/v2/") else "detail"
@@ -25,12 +39,23 @@ def too_large_response(limit: int, path: str = "") -> JSONResponse:
     return JSONResponse({key: str(BodyTooLarge(limit))}, status_code=413, headers={"Connection": "close"})
 
 
-class BodyLimitMiddleware:
-    """413 from Content-Length alone when it is over the limit; otherwise count bytes as they stream in."""
+def body_timeout_response(exc: BodyTimeout, path: str = "") -> JSONResponse:
+    """408 in the error body of the route's protocol, like too_large_response."""
+    key = "error" if path == "/v2" or path.startswith("/v2/") else "detail"
+    return JSONResponse({key: str(exc)}, status_code=408, headers={"Connection": "close"})
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+
+class BodyLimitMiddleware:
+    """Bound the request body in bytes and in time.
+
+    413 from Content-Length alone when it is over the limit; otherwise bytes are counted as they stream in.
+    The whole body must arrive within `timeout_s` of the request's start (a slow or stalled client gets 408).
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = float("inf")) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -46,14 +71,22 @@ class BodyLimitMiddleware:
                     await too_large_response(self.max_bytes, scope["path"])(scope, receive, send)
                     return
         received = 0
+        body_done = False
+        deadline = time.monotonic() + self.timeout_s
 
         async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # only http.disconnect can come now, whenever the client leaves: no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise BodyTimeout(self.timeout_s) from None  # a 408 by the app's exception handler
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     raise BodyTooLarge(self.max_bytes)  # turned into a 413 by the app's exception handler
+                body_done = not message.get("more_body", False)
             return message
 
         await self.app(scope, counting_receive, send)
@@ -81,6 +114,12 @@ class MetricsMiddleware:
 
         try:
             await self.app(scope, receive, recording_send)
+        except ClientDisconnect:
+            # The client left mid-upload: nobody to answer, nothing wrong with the server. One line, no traceback.
+            status = CLIENT_CLOSED_REQUEST
+            log.info(
+                "%s %s: the client disconnected before its request body was complete", scope["method"], scope["path"]
+            )
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
             self.metrics.requests.labels(route, scope["method"], str(status)).inc()

@@ -34,6 +34,29 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest request body accepted (else 413).")
     max_image_pixels: int = Field(40_000_000, ge=1, description="Largest decoded image, width x height (else 413).")
     max_files: int = Field(64, ge=1, description="Most images in one request (multipart parts, or a v2 batch).")
+    cam_max_side: int = Field(
+        512, ge=16, description="CAM PNGs are drawn at most this many pixels on the longer side (aspect kept)."
+    )
+    max_header_bytes: int = Field(
+        32 * 1024,
+        ge=1024,
+        description="Largest request line plus headers, in bytes (else 431 and the connection closes).",
+    )
+    max_url_bytes: int = Field(
+        8 * 1024, ge=256, description="Longest request target (path and query), in bytes (else 414)."
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="Time a connection has to send a request's headers (else 408 and it is closed)."
+    )
+    body_timeout_s: float = Field(
+        60.0, gt=0, description="Time a request has to send its whole body once its headers arrived (else 408)."
+    )
+    drain_grace_s: float = Field(
+        5.0,
+        ge=0,
+        description="On SIGTERM: seconds to keep accepting requests with /readyz 503 (so load balancers take the "
+        "pod out) before the port closes and open requests drain.",
+    )
     api_key: SecretStr | None = Field(
         None, description="When set, requests need `Authorization: Bearer <key>` or `X-API-Key: <key>`."
     )

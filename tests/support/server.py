@@ -13,6 +13,7 @@ import httpx
 import uvicorn
 
 from service import create_app
+from service.server import server_config
 from service.settings import Settings
 
 
@@ -24,11 +25,11 @@ def settings_for(artifacts: Path, **overrides) -> Settings:
 
 
 class ServerThread:
-    """A real uvicorn server (lifespan on) for one app, on a free local port, in a background thread."""
+    """The service's own uvicorn configuration (service.server) for one app, on a free local port, in a thread."""
 
     def __init__(self, app) -> None:
         self.app = app
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+        config = server_config(app, app.state.service.settings, host="127.0.0.1", port=0)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
