@@ -2,7 +2,8 @@
 
 1. resolve_options   query parameters -> top-k, CAM class and cell (422 when wrong)
 2. read_uploads      multipart 'file' parts or a raw image body -> bytes (400 / 415)
-3. prepare_all       bytes -> model input in the decode pool; a bad image becomes its own error (400 / 413)
+3. prepare_all       bytes -> model input in the decode pool; a bad image becomes its own error (400 / 413);
+                     steps 3-5 run within_deadline (504 past VITAE_REQUEST_TIMEOUT_S from the request's start)
 4. infer             through the classify batcher (and the Grad-CAM batcher for an earlier cell);
                      504 at the deadline, 499 on disconnect, 503 when the queue is full
 5. shape_result      logits -> top-k, CAM -> PNGs, timings -> the response model
@@ -11,7 +12,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -28,6 +32,8 @@ from .inference import ClassifyInput, ClassifyOutput, GradCAMInput, PreparedImag
 from .lifecycle import Runtime, ServiceState
 from .postprocess import normalize_cam, render_cam, top_k
 from .schemas import CamOut, ClassifyResult, ModelInfo, TimingOut
+
+log = logging.getLogger("service")
 
 IMAGE_CONTENT_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/gif", "image/tiff")
 RAW_CONTENT_TYPES = (*IMAGE_CONTENT_TYPES, "application/octet-stream")
@@ -68,10 +74,11 @@ def resolve_options(
         raise HTTPException(422, detail=f"top_k must be between 1 and {served.num_classes}, got {k}")
     try:
         target = served.class_index(cam_class) if cam_class is not None else None
-        layer = resolve_cam_layer(runtime, cam_layer) if cam else None
+        # Checked whenever given, like cam_class, so that a typo is not silently ignored with cam=false.
+        layer = resolve_cam_layer(runtime, cam_layer) if cam or cam_layer is not None else None
     except ValueError as exc:
         raise HTTPException(422, detail=str(exc)) from exc
-    return Options(k, cam, target, layer)
+    return Options(k, cam, target, layer if cam else None)
 
 
 # ---------------------------------------------------------------- 2-3. uploads and decoding
@@ -95,7 +102,10 @@ async def read_uploads(request: Request, max_files: int) -> list[bytes]:
 
 
 def image_error(exc: Exception) -> HTTPException:
-    """The HTTP error for an image that failed to decode (400) or is too large (413); re-raises anything else."""
+    """The HTTP error for an image that failed to decode (400), is too large (413) or broke the decoder (500).
+
+    Each is that image's own error: in a request with several images the others are still answered.
+    """
     if isinstance(exc, ImageTooLargeError):
         return HTTPException(413, detail=f"{exc} (VITAE_MAX_IMAGE_PIXELS)")
     if isinstance(exc, ImageDecodeError):
@@ -103,7 +113,8 @@ def image_error(exc: Exception) -> HTTPException:
         if "accepted" not in message.lower():
             message += f"; accepted formats: {', '.join(ACCEPTED_FORMATS)}"
         return HTTPException(400, detail=message)
-    raise exc
+    log.error("preparing an image failed unexpectedly", exc_info=exc)
+    return HTTPException(500, detail=f"preparing this image failed unexpectedly ({type(exc).__name__})")
 
 
 async def prepare_all(
@@ -115,12 +126,31 @@ async def prepare_all(
         prepare_image,
         prep=served.preprocessing,
         max_pixels=state.settings.max_image_pixels,
-        keep_original=keep_original,
+        cam_max_side=state.settings.cam_max_side if keep_original else None,
     )
     prepared = await asyncio.gather(
         *(loop.run_in_executor(state.pool, prepare, data) for data in uploads), return_exceptions=True
     )
     return [image_error(p) if isinstance(p, Exception) else p for p in prepared]
+
+
+# ---------------------------------------------------------------- 3-5. one deadline for all the work
+
+
+@asynccontextmanager
+async def within_deadline(deadline: float) -> AsyncIterator[None]:
+    """504 when decoding, inference and CAM drawing together pass the request's deadline (time.monotonic()).
+
+    What has not started is cancelled (queued decodes and batcher jobs); a decode already running in the
+    pool finishes there, bounded by VITAE_MAX_IMAGE_PIXELS and VITAE_CAM_MAX_SIDE.
+    """
+    try:
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            yield
+    except TimeoutError:
+        raise HTTPException(
+            504, detail="the request's deadline passed before its images were answered (VITAE_REQUEST_TIMEOUT_S)"
+        ) from None
 
 
 # ---------------------------------------------------------------- 4. inference through the batchers

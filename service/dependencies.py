@@ -22,8 +22,12 @@ def get_state(request: Request) -> ServiceState:
 
 
 def get_runtime(state: Annotated[ServiceState, Depends(get_state)]) -> Runtime:
-    """The loaded runtime; 503 with Retry-After while loading, draining or failed."""
-    if state.status is not Status.READY or state.runtime is None:
+    """The loaded runtime; 503 with Retry-After while loading or failed.
+
+    Draining still serves: during the pre-stop grace load balancers may still send requests (only /readyz
+    says 503), and after it the batchers answer what reaches them until the lifespan closes them.
+    """
+    if state.status not in (Status.READY, Status.DRAINING) or state.runtime is None:
         if state.status is Status.FAILED:
             detail = f"the model failed to load: {state.error}"
         else:

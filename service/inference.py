@@ -22,22 +22,27 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 @dataclass(frozen=True)
 class PreparedImage:
     pixels: np.ndarray  # float32 (C, S, S), normalised
-    original: Image.Image | None  # kept only when a CAM overlay will be drawn on it
+    original: Image.Image | None  # kept only when a CAM overlay will be drawn on it, at most cam_max_side
 
 
-def prepare_image(data: bytes, prep: Preprocessing, *, max_pixels: int, keep_original: bool) -> PreparedImage:
+def prepare_image(data: bytes, prep: Preprocessing, *, max_pixels: int, cam_max_side: int | None) -> PreparedImage:
     """Bytes -> model input through model.preprocess, the functions the trainer's evaluation uses.
 
-    Large JPEGs decode in draft mode at about the model's size; when a CAM overlay is wanted the
-    full-size image is decoded as well, so that the overlay has the original's size while the model
-    input (and so the logits) do not depend on whether a CAM was asked for.
+    Large JPEGs decode in draft mode at about the model's size. When a CAM overlay is wanted
+    (`cam_max_side` given), the image is kept for it too, scaled down to fit cam_max_side on its longer
+    side: drawing PNGs costs time and memory in proportion to their pixels, so that bounds the work of a
+    CAM whatever the upload's size. A JPEG is decoded again for it (in draft mode at about that size), so
+    that the model input, and so the logits, do not depend on whether a CAM was asked for.
     Raises model.preprocess.ImageDecodeError / ImageTooLargeError.
     """
     image = decode_image(data, max_pixels=max_pixels, target_size=resize_size(prep))
     pixels = preprocess(image, prep)
     original = None
-    if keep_original:
-        original = decode_image(data, max_pixels=max_pixels) if data.startswith(JPEG_MAGIC) else image
+    if cam_max_side is not None:
+        if data.startswith(JPEG_MAGIC):
+            image = decode_image(data, max_pixels=max_pixels, target_size=cam_max_side)
+        image.thumbnail((cam_max_side, cam_max_side), Image.Resampling.BILINEAR)  # in place; pixels are computed
+        original = image
     return PreparedImage(pixels, original)
 
 

@@ -20,10 +20,13 @@ class CamOut(BaseModel):
     class_index: int
     label: str
     grid: list[list[float]] = Field(description="the raw map on the cell's token grid (h x w), ReLU'd, min-max 0..1")
-    width: int = Field(description="width of the PNGs: the original image's")
-    height: int = Field(description="height of the PNGs: the original image's")
-    heatmap_png: str = Field(description="base64 PNG, colour-mapped heatmap at the original size")
-    overlay_png: str = Field(description="base64 PNG, heatmap blended over the original image")
+    width: int = Field(
+        description="width of the PNGs: the original image's, scaled down with the height to fit VITAE_CAM_MAX_SIDE "
+        "(512 by default) on the longer side"
+    )
+    height: int = Field(description="height of the PNGs: the original image's, scaled down like the width")
+    heatmap_png: str = Field(description="base64 PNG, colour-mapped heatmap at width x height")
+    overlay_png: str = Field(description="base64 PNG, heatmap blended over the image at width x height")
 
 
 class TimingOut(BaseModel):

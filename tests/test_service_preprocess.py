@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 from PIL import Image
 from support.images import drawn_image, encode
 
 from model import Preprocessing
-from model.preprocess import ImageTooLargeError, decode_image, preprocess, resize_size
+from model.preprocess import ImageDecodeError, ImageTooLargeError, decode_image, preprocess, resize_size
 from service.inference import prepare_image
 
 PREP = Preprocessing(img_size=32, in_chans=1, mean=(0.3,), std=(0.35,), crop_pct=1.0, interpolation="bilinear")
@@ -19,19 +21,45 @@ PREP = Preprocessing(img_size=32, in_chans=1, mean=(0.3,), std=(0.35,), crop_pct
 )
 def test_prepare_image_is_the_trainers_preprocess(mode, fmt):
     data = encode(drawn_image(1, size=(64, 48), mode=mode), fmt)
-    prepared = prepare_image(data, PREP, max_pixels=10**6, keep_original=True)
+    prepared = prepare_image(data, PREP, max_pixels=10**6, cam_max_side=512)
     expected = preprocess(decode_image(data, target_size=resize_size(PREP)), PREP)
     np.testing.assert_array_equal(prepared.pixels, expected)
     assert prepared.pixels.shape == (1, 32, 32) and prepared.original.size == (64, 48)
 
 
-def test_a_large_jpeg_keeps_its_full_size_for_the_overlay():
-    data = encode(drawn_image(2, size=(800, 600), mode="RGB"), "JPEG")
-    prepared = prepare_image(data, PREP, max_pixels=10**7, keep_original=True)
-    assert prepared.original.size == (800, 600)
-    assert prepare_image(data, PREP, max_pixels=10**7, keep_original=False).original is None
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_a_large_image_is_kept_for_the_overlay_within_cam_max_side(fmt):
+    data = encode(drawn_image(2, size=(1600, 1200), mode="RGB"), fmt)
+    prepared = prepare_image(data, PREP, max_pixels=10**7, cam_max_side=400)
+    assert prepared.original.size == (400, 300)
+    assert prepare_image(data, PREP, max_pixels=10**7, cam_max_side=None).original is None
+    # The model input does not depend on whether a CAM was asked for.
+    np.testing.assert_array_equal(
+        prepared.pixels, prepare_image(data, PREP, max_pixels=10**7, cam_max_side=None).pixels
+    )
 
 
 def test_prepare_image_refuses_too_many_pixels():
     with pytest.raises(ImageTooLargeError):
-        prepare_image(encode(Image.new("L", (100, 100)), "PNG"), PREP, max_pixels=99 * 100, keep_original=False)
+        prepare_image(encode(Image.new("L", (100, 100)), "PNG"), PREP, max_pixels=99 * 100, cam_max_side=None)
+
+
+@pytest.mark.parametrize("mode", ["LAB", "HSV", "YCbCr", "I;16", "F", "1", "CMYK"])
+def test_every_colour_mode_pillow_reads_becomes_model_input(mode):
+    image = (
+        drawn_image(3, size=(40, 40), mode="RGB").convert(mode) if mode != "I;16" else Image.new("I;16", (40, 40), 3000)
+    )
+    assert preprocess(image, PREP).shape == (1, 32, 32)
+
+
+def test_a_mode_with_no_conversion_is_a_decode_error_naming_it():
+    with pytest.raises(ImageDecodeError, match="image mode La cannot be converted"):
+        preprocess(Image.new("La", (40, 40)), PREP)
+
+
+def test_a_phone_jpeg_with_an_mpf_segment_decodes_as_its_first_frame():
+    first, second = Image.new("RGB", (64, 48), (200, 10, 10)), Image.new("RGB", (64, 48), (10, 200, 10))
+    data = encode(first, "MPO", save_all=True, append_images=[second])
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+    r, g, _ = decode_image(data).getpixel((10, 10))
+    assert r > 150 and g < 50

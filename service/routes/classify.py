@@ -7,7 +7,15 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request
 
-from ..classify_flow import RAW_CONTENT_TYPES, infer, prepare_all, read_uploads, resolve_options, shape_result
+from ..classify_flow import (
+    RAW_CONTENT_TYPES,
+    infer,
+    prepare_all,
+    read_uploads,
+    resolve_options,
+    shape_result,
+    within_deadline,
+)
 from ..dependencies import ApiKeyDep, RuntimeDep, StateDep
 from ..inference import PreparedImage
 from ..schemas import EXAMPLE_RESULT, BatchResult, ClassifyResult, ErrorOut, ItemError
@@ -32,12 +40,22 @@ CLASSIFY_OPENAPI = {
 }
 
 TopK = Annotated[int | None, Query(alias="top_k", ge=1, description="classes to return (1..K)", examples=[3])]
-Cam = Annotated[bool, Query(description="add a Grad-CAM map and PNGs", examples=[True])]
+Cam = Annotated[
+    bool,
+    Query(
+        description="add a Grad-CAM map and PNGs; the PNGs are the image scaled down to fit VITAE_CAM_MAX_SIDE "
+        "pixels (512 by default) on the longer side, aspect kept: scale them to the original to overlay",
+        examples=[True],
+    ),
+]
 CamClass = Annotated[
     str | None, Query(description="class index or label for the CAM; default: top-1", examples=["Sneaker"])
 ]
 CamLayer = Annotated[
-    str | None, Query(description="cell index or name for the CAM (see /model); default: the last cell")
+    str | None,
+    Query(
+        description="cell index or name for the CAM (see /model); default: the last cell; checked even when cam=false"
+    ),
 ]
 
 
@@ -62,15 +80,16 @@ async def classify(
     served = runtime.served
     opts = resolve_options(runtime, top_k_, cam, cam_class, cam_layer)
     uploads = await read_uploads(request, state.settings.max_files)
-    prepared = await prepare_all(state, served, uploads, keep_original=cam)
-    if len(prepared) == 1 and isinstance(prepared[0], HTTPException):
-        raise prepared[0]
-    good = [p for p in prepared if isinstance(p, PreparedImage)]
-    answers = iter(await infer(request, state, runtime, good, opts, arrived))
-    results = [
-        ItemError(error=ErrorOut(status=item.status_code, detail=str(item.detail)))
-        if isinstance(item, HTTPException)
-        else await shape_result(state, served, item, next(answers), opts.k, arrived)
-        for item in prepared
-    ]
+    async with within_deadline(arrived + state.settings.request_timeout_s):
+        prepared = await prepare_all(state, served, uploads, keep_original=cam)
+        if len(prepared) == 1 and isinstance(prepared[0], HTTPException):
+            raise prepared[0]
+        good = [p for p in prepared if isinstance(p, PreparedImage)]
+        answers = iter(await infer(request, state, runtime, good, opts, arrived))
+        results = [
+            ItemError(error=ErrorOut(status=item.status_code, detail=str(item.detail)))
+            if isinstance(item, HTTPException)
+            else await shape_result(state, served, item, next(answers), opts.k, arrived)
+            for item in prepared
+        ]
     return BatchResult(results=results) if len(uploads) > 1 else results[0]
