@@ -1,4 +1,5 @@
-"""SIGTERM on a real `python -m service` process: stop accepting, answer everything queued, exit 0."""
+"""SIGTERM on a real `python -m service` process: /readyz 503 while still serving for the grace, then stop
+accepting, answer everything queued, exit 0."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-def test_sigterm_drains_queued_requests_then_exits(tiny_checkpoint, tmp_path):
+def test_sigterm_serves_through_the_grace_then_drains_queued_requests_and_exits(tiny_checkpoint, tmp_path):
     port = free_port()
     env = os.environ | {
         "VITAE_ARTIFACTS": str(exported(tiny_checkpoint)),
@@ -31,6 +32,8 @@ def test_sigterm_drains_queued_requests_then_exits(tiny_checkpoint, tmp_path):
         "VITAE_MAX_BATCH_SIZE": "64",
         "VITAE_MAX_DELAY_MS": "1500",  # requests sit in the queue long enough to be caught by the signal
         "VITAE_THREADS": "1",
+        # Long enough for a request sent right after the signal to connect on a busy machine.
+        "VITAE_DRAIN_GRACE_S": "4",
     }
     log = (tmp_path / "service.log").open("w+")
     process = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=log, stderr=log)
@@ -47,7 +50,7 @@ def test_sigterm_drains_queued_requests_then_exits(tiny_checkpoint, tmp_path):
             assert time.monotonic() < deadline, "the service did not become ready"
             time.sleep(0.1)
 
-        images = sample_images(8)
+        images = sample_images(9)
         responses: list[httpx.Response | Exception] = [None] * len(images)
 
         def send(i: int) -> None:
@@ -58,15 +61,28 @@ def test_sigterm_drains_queued_requests_then_exits(tiny_checkpoint, tmp_path):
                 responses[i] = exc
 
         senders = [threading.Thread(target=send, args=(i,)) for i in range(len(images))]
-        for sender in senders:
+        for sender in senders[:8]:
             sender.start()
-        while metric(httpx.get(f"{url}/metrics").text, "vitae_queue_depth", model="classify") < len(images):
+        while metric(httpx.get(f"{url}/metrics").text, "vitae_queue_depth", model="classify") < 8:
             time.sleep(0.01)
 
         process.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
-        with pytest.raises(httpx.TransportError):
-            httpx.get(f"{url}/healthz", timeout=2)  # no new connections once draining
+        signalled = time.monotonic()
+        # The grace: not ready, yet a new connection is accepted and its request answered.
+        senders[8].start()
+        while (ready := httpx.get(f"{url}/readyz", timeout=5)).status_code == 200:
+            assert time.monotonic() - signalled < 3, "/readyz stayed 200 after SIGTERM"
+            time.sleep(0.05)
+        assert ready.status_code == 503 and ready.json()["status"] == "draining"
+        # After the grace: the port closes.
+        while True:
+            try:
+                httpx.get(f"{url}/healthz", timeout=2)
+            except httpx.TransportError:
+                break
+            assert time.monotonic() - signalled < 30, "the port stayed open"
+            time.sleep(0.1)
+        assert time.monotonic() - signalled >= 3.5  # not before the 4 s grace (less a little for clock slack)
         for sender in senders:
             sender.join(timeout=30)
         assert process.wait(timeout=30) == 0
