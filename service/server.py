@@ -53,7 +53,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self.limits = limits
         self._in_body = False  # between headers complete and message complete
-        self._head_bytes = 0
+        self._head_bytes = 0  # bytes received while this request's head is incomplete
+        self._header_bytes = 0  # bytes of this request's complete header lines
         self._head_timer: asyncio.TimerHandle | None = None
         self._refusal: tuple[int, str] | None = None
         self._refusal_sent = False
@@ -77,6 +78,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.refuse(431, self._head_too_large())
 
     # Parser callbacks
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._header_bytes = 0
+
     def on_url(self, url: bytes) -> None:
         super().on_url(url)
         if len(self.url) > self.limits.max_url_bytes:
@@ -88,7 +93,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         super().on_header(name, value)
-        if self._head_bytes > self.limits.max_head_bytes:
+        # Counted exactly here: the bytes of a chunk that also holds the start of the body are not all head.
+        self._header_bytes += len(name) + len(value) + 4  # ": " and CRLF
+        if len(self.url) + self._header_bytes > self.limits.max_head_bytes:
             self._refusal = (431, self._head_too_large())
             raise _Refused
 

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 from support.checkpoints import exported
-from support.images import sample_images
+from support.images import drawn_image, encode, sample_images
 from support.raw_http import host_port, multipart, raw_request, read_response
 from support.server import metric, serving
 
@@ -112,3 +112,11 @@ def test_protocol_refusals_leave_the_service_healthy_and_counted_apart(url):
     assert healthy(url)
     text = httpx.get(f"{url}/metrics").text
     assert metric(text, "vitae_requests_total", route="/classify", method="POST", status="500") == 0
+
+
+def test_a_large_body_sent_with_its_head_in_one_write_is_not_counted_as_head(url):
+    body, content_type = multipart(*[encode(drawn_image(i, size=(200, 200)), "BMP") for i in range(8)])  # ~330 kB
+    head = f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}"
+    answer = raw_request(url, head.encode() + b"\r\nConnection: close\r\n\r\n" + body)
+    assert answer is not None and answer.status == 200
+    assert len(answer.json()["results"]) == 8
