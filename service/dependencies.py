@@ -41,16 +41,22 @@ api_key_scheme = APIKeyHeader(name="X-API-Key", auto_error=False, description="V
 
 
 def check_api_key(
+    request: Request,
     state: Annotated[ServiceState, Depends(get_state)],
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)],
     api_key: Annotated[str | None, Security(api_key_scheme)],
 ) -> None:
-    """401 unless VITAE_API_KEY is unset or given as a Bearer token or an X-API-Key header."""
+    """401 unless VITAE_API_KEY is unset or given as a Bearer token or an X-API-Key header.
+
+    Every credential sent must be the key: a right X-API-Key does not excuse a wrong or malformed Authorization.
+    """
     expected = state.settings.api_key
     if expected is None:
         return
-    given = api_key or (bearer.credentials if bearer else None)
-    if given is None or not secrets.compare_digest(given.encode(), expected.get_secret_value().encode()):
+    authorization = bearer.credentials if bearer else request.headers.get("authorization")
+    given = [key for key in (api_key, authorization) if key is not None]
+    key = expected.get_secret_value().encode()
+    if not given or not all(secrets.compare_digest(g.encode(), key) for g in given):
         raise HTTPException(
             401,
             detail="missing or wrong API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",

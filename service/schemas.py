@@ -42,6 +42,14 @@ class ClassifyResult(BaseModel):
     timing_ms: TimingOut
 
 
+class ErrorBody(BaseModel):
+    """The body of every error answer, from the HTTP layer (400, 408, 414, 431) to the app's."""
+
+    detail: str | list[dict] = Field(
+        description="what was wrong and what is accepted; a list of field errors for malformed query parameters"
+    )
+
+
 class ErrorOut(BaseModel):
     status: int
     detail: str

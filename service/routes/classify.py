@@ -18,7 +18,7 @@ from ..classify_flow import (
 )
 from ..dependencies import ApiKeyDep, RuntimeDep, StateDep
 from ..inference import PreparedImage
-from ..schemas import EXAMPLE_RESULT, BatchResult, ClassifyResult, ErrorOut, ItemError
+from ..schemas import EXAMPLE_RESULT, BatchResult, ClassifyResult, ErrorBody, ErrorOut, ItemError
 
 router = APIRouter(tags=["inference"])
 
@@ -59,11 +59,24 @@ CamLayer = Annotated[
 ]
 
 
+ERRORS = {
+    400: "no image, or an image that cannot be decoded (the detail names what is accepted)",
+    401: "VITAE_API_KEY is set and the request lacks it",
+    408: "the body did not arrive within VITAE_BODY_TIMEOUT_S",
+    413: "the body is over VITAE_MAX_UPLOAD_BYTES or an image over VITAE_MAX_IMAGE_PIXELS",
+    415: "a content type that is neither multipart/form-data nor an image",
+    422: "a query parameter out of range or naming no class or cell",
+    503: "loading, or the queue is full (Retry-After says when to retry)",
+    504: "the request's work passed VITAE_REQUEST_TIMEOUT_S",
+}
+
+
 @router.post(
     "/classify",
     response_model=ClassifyResult | BatchResult,
     response_model_exclude_none=True,
     openapi_extra=CLASSIFY_OPENAPI,
+    responses={status: {"model": ErrorBody, "description": text} for status, text in ERRORS.items()},
 )
 async def classify(
     request: Request,
