@@ -171,13 +171,13 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn's server with a pre-stop grace on SIGTERM/SIGINT.
+    """uvicorn's server with a pre-stop grace on SIGTERM.
 
-    1. The signal turns /readyz 503 (`on_drain`) while the port stays open and requests are served as usual,
+    1. SIGTERM turns /readyz 503 (`on_drain`) while the port stays open and requests are served as usual,
        for `grace_s` seconds: time for a load balancer to see the 503 and send no more traffic.
     2. Then uvicorn stops accepting, waits for the open requests (whose images the batcher keeps computing)
        and runs the lifespan shutdown, which drains whatever is still queued.
-    A second signal during the grace skips the rest of it.
+    A second signal during the grace, or SIGINT (Ctrl+C) at any time, goes straight to step 2.
     """
 
     def __init__(self, config: uvicorn.Config, on_drain, grace_s: float) -> None:
@@ -187,7 +187,8 @@ class DrainingServer(uvicorn.Server):
         self._close_at: float | None = None
 
     def handle_exit(self, sig: int, frame) -> None:
-        if self._close_at is None and self._grace_s > 0:
+        # SIGTERM is how orchestrators stop a pod; SIGINT is a person at a terminal, who need not wait.
+        if sig == signal.SIGTERM and self._close_at is None and self._grace_s > 0:
             self._close_at = time.monotonic() + self._grace_s
             self._on_drain()
             log.info("signal %d: not ready; closing the port in %.1f s", sig, self._grace_s)
