@@ -233,6 +233,8 @@ def test_empty_body_and_form_without_file_are_400(url):
         ({"top_k": 0}, "top_k"),
         ({"cam": "true", "cam_class": "Cat"}, "Sneaker"),
         ({"cam": "true", "cam_layer": "layers.9"}, "layers.0.RC"),
+        ({"cam_layer": "999"}, "layers.0.RC"),  # checked even with cam=false, like cam_class
+        ({"cam_class": "Cat"}, "Sneaker"),
     ],
 )
 def test_bad_parameters_are_422_with_what_is_accepted(url, params, fragment):
