@@ -15,8 +15,10 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -180,13 +182,13 @@ class DrainingServer(uvicorn.Server):
     A second signal during the grace, or SIGINT (Ctrl+C) at any time, goes straight to step 2.
     """
 
-    def __init__(self, config: uvicorn.Config, on_drain, grace_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, on_drain: Callable[[], None], grace_s: float) -> None:
         super().__init__(config)
         self._on_drain = on_drain
         self._grace_s = grace_s
         self._close_at: float | None = None
 
-    def handle_exit(self, sig: int, frame) -> None:
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # SIGTERM is how orchestrators stop a pod; SIGINT is a person at a terminal, who need not wait.
         if sig == signal.SIGTERM and self._close_at is None and self._grace_s > 0:
             self._close_at = time.monotonic() + self._grace_s
