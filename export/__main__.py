@@ -8,6 +8,7 @@ import sys
 
 from model import VARIANTS
 
+from .artifacts import ArtifactsMetadata
 from .labels import read_labels_file
 from .pipeline import PRECISIONS, export_artifacts
 
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         labels = read_labels_file(args.labels) if args.labels else None
-        meta = export_artifacts(
+        written = export_artifacts(
             args.checkpoint,
             args.out,
             variant=args.variant,
@@ -54,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"export failed: {exc}", file=sys.stderr)
         return 1
-    print(f"{meta['name']} {meta['version']}: {', '.join(meta['files'].values())} in {args.out}")
-    int8 = meta.get("int8")
+    meta = ArtifactsMetadata.from_dict(written)
+    print(f"{meta.name} {meta.version}: {', '.join(meta.files.values())} in {args.out}")
+    int8 = meta.int8
     if int8:
         print(
             f"int8 {'kept' if int8['kept'] else 'discarded'} ({int8['reason']}): "

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from model import ViTAEConfig
 
 from . import tensorrt as trt_step
+from .artifacts import FORMAT, HEAD, METADATA, ONNX, ONNX_INT8, OUTPUT_NAMES, WEIGHTS, ArtifactsMetadata
 from .fold import fold_batchnorms
 from .graph import GraphCheckError, find_prm_blocks, op_counts
 from .inputs import model_inputs
@@ -39,12 +40,9 @@ from .triton import MODEL_NAME, write_repository
 
 log = logging.getLogger(__name__)
 
-FORMAT = "vitae-artifacts/1"
 # Bump when a change to this package changes what it writes, so older artifacts count as stale.
 EXPORT_REVISION = 2  # 2: class names for released weights (ImageNet-1k), class_names_source, wordnet_ids
 PRECISIONS = ("fp16", "fp32")
-ONNX, ONNX_INT8, WEIGHTS, HEAD = "model.onnx", "model_int8.onnx", "model.safetensors", "head.safetensors"
-METADATA = "metadata.json"
 
 
 @contextmanager
@@ -89,38 +87,26 @@ def _fingerprint(
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
 
 
-def _read_metadata(out: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((out / METADATA).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _artifacts_staleness(out: Path, fingerprint: str) -> str | None:
     """Why the artifacts in `out` must be rebuilt, or None when they are current."""
-    meta = _read_metadata(out)
+    meta = ArtifactsMetadata.read_if_valid(out)
     if meta is None:
-        return f"no readable {METADATA} in {out}"
-    if meta.get("format") != FORMAT or meta.get("fingerprint") != fingerprint:
+        return f"no readable {METADATA} of format {FORMAT} in {out}"
+    if meta.fingerprint != fingerprint:
         return "the checkpoint, the settings or the exporter changed"
-    checksums = meta.get("checksums") or {}
-    for name in (meta.get("files") or {"onnx": ONNX}).values():
+    for name in meta.files.values():
         path = out / name
-        if not path.is_file() or sha256_file(path) != checksums.get(name):
+        if not path.is_file() or sha256_file(path) != meta.checksums.get(name):
             return f"{name} is missing or was modified"
-    if trt_step.unavailable_reason() is None:
-        fits, why = trt_step.plan_matches_this_machine(meta)
-        if not fits:
-            return f"TensorRT is available here but {why}"
-    return None
+    return meta.plan_outdated_here()
 
 
 def _triton_staleness(out: Path, triton_repo: Path) -> str | None:
-    meta = _read_metadata(out)
+    meta = ArtifactsMetadata.read_if_valid(out)
     model_onnx = triton_repo / MODEL_NAME / "1" / "model.onnx"
     if meta is None or not (triton_repo / MODEL_NAME / "config.pbtxt").is_file() or not model_onnx.is_file():
         return f"no Triton model in {triton_repo}"
-    if sha256_file(model_onnx) != meta["checksums"][meta["files"]["onnx"]]:
+    if sha256_file(model_onnx) != meta.checksums[meta.files["onnx"]]:
         return f"the Triton model in {triton_repo} is not this export"
     return None
 
@@ -182,12 +168,12 @@ def export_artifacts(
     fingerprint = _fingerprint(checkpoint_sha, checkpoint, variant, num_classes, settings, labels)
     stale = "--force" if force else _artifacts_staleness(out, fingerprint)
     if stale is None:
-        meta = _read_metadata(out)
-        log.info("artifacts in %s are up to date (%s %s); nothing rebuilt", out, meta["name"], meta["version"])
+        meta = ArtifactsMetadata.read(out)
+        log.info("artifacts in %s are up to date (%s %s); nothing rebuilt", out, meta.name, meta.version)
         if triton_repo is not None and (why := _triton_staleness(out, triton_repo)) is not None:
             log.info("writing the Triton repository: %s", why)
             _install_triton(out, meta, triton_repo)
-        return meta
+        return meta.to_dict()
     log.info("building artifacts in %s: %s", out, stale)
 
     started = time.perf_counter()
@@ -202,8 +188,8 @@ def export_artifacts(
         raise
     if triton_repo is not None:
         _install_triton(out, meta, triton_repo)
-    log.info("exported %s %s to %s in %.1f s", meta["name"], meta["version"], out, time.perf_counter() - started)
-    return meta
+    log.info("exported %s %s to %s in %.1f s", meta.name, meta.version, out, time.perf_counter() - started)
+    return meta.to_dict()
 
 
 def _build(
@@ -214,7 +200,7 @@ def _build(
     settings: dict[str, Any],
     staging: Path,
     previous: Path,
-) -> dict[str, Any]:
+) -> ArtifactsMetadata:
     model, cfg = source.model, source.model.config
     max_batch = settings["max_batch"]
     files = {"onnx": ONNX, "weights": WEIGHTS, "head": HEAD}
@@ -281,42 +267,41 @@ def _build(
             )
             files["plan"], files["layers"] = trt_step.PLAN, trt_step.LAYERS
 
-    meta = {
-        "format": FORMAT,
-        "name": source.name,
-        "version": checkpoint_sha[:12],
-        "variant": source.variant,
-        "config": cfg.to_dict(),
-        "class_names": source.class_names,
-        "class_names_source": source.class_names_source,
-        "wordnet_ids": source.wordnet_ids,
-        "preprocessing": cfg.preprocessing.to_dict(),
-        "grid": [cfg.grid_size, cfg.grid_size],
-        "inputs": [{"name": INPUT_NAME, "dtype": "float32", "shape": [-1, cfg.in_chans, cfg.img_size, cfg.img_size]}],
-        "outputs": [
-            {"name": "logits", "dtype": "float32", "shape": [-1, cfg.num_classes]},
-            {"name": "tokens", "dtype": "float32", "shape": [-1, token_count(model), cfg.embed_dim]},
+    logits_shape, tokens_shape = [-1, cfg.num_classes], [-1, token_count(model), cfg.embed_dim]
+    meta = ArtifactsMetadata(
+        name=source.name,
+        version=checkpoint_sha[:12],
+        variant=source.variant,
+        config=cfg.to_dict(),
+        class_names=source.class_names,
+        class_names_source=source.class_names_source,
+        wordnet_ids=source.wordnet_ids,
+        preprocessing=cfg.preprocessing.to_dict(),
+        grid=[cfg.grid_size, cfg.grid_size],
+        inputs=[{"name": INPUT_NAME, "dtype": "float32", "shape": [-1, cfg.in_chans, cfg.img_size, cfg.img_size]}],
+        outputs=[
+            {"name": name, "dtype": "float32", "shape": shape}
+            for name, shape in zip(OUTPUT_NAMES, (logits_shape, tokens_shape), strict=True)
         ],
-        "files": files,
-        "checksums": {name: sha256_file(staging / name) for name in files.values()},
-        "checkpoint": {"path": str(checkpoint), "sha256": checkpoint_sha},
-        "fingerprint": fingerprint,
-        "settings": settings,
-        "parity": parity,
-        "int8": int8,
-        "tensorrt": tensorrt,
-        "versions": {
+        files=files,
+        checksums={name: sha256_file(staging / name) for name in files.values()},
+        checkpoint={"path": str(checkpoint), "sha256": checkpoint_sha},
+        fingerprint=fingerprint,
+        settings=settings,
+        parity=parity,
+        int8=int8,
+        tensorrt=tensorrt,
+        versions={
             "torch": torch.__version__,
             "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__,
             "tensorrt": trt_step.tensorrt_version(),
         },
-        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    text = json.dumps(meta, indent=2) + "\n"
-    (staging / METADATA).write_text(text)
+        exported_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+    meta.write(staging)
     _readable_by_all(staging)
-    return json.loads(text)  # what a later up-to-date call reads back: lists, not tuples
+    return ArtifactsMetadata.read(staging)  # what a later up-to-date call reads back: lists, not tuples
 
 
 def check_graph(graph: onnx.ModelProto, cfg: ViTAEConfig) -> None:
@@ -365,7 +350,7 @@ def _replace_dir(staging: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _install_triton(out: Path, meta: dict[str, Any], repo: Path) -> None:
+def _install_triton(out: Path, meta: ArtifactsMetadata, repo: Path) -> None:
     with step(f"Triton repository in {repo}"):
         repo.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".vitae-staging-", dir=repo))

@@ -16,11 +16,11 @@ from typing import Any
 
 import onnx
 
+from .artifacts import INPUT_NAME, LAYERS, PLAN, TIMING_CACHE
 from .graph import PRMBlock
 
 log = logging.getLogger(__name__)
 
-PLAN, LAYERS, TIMING_CACHE = "model.plan", "layers.json", "timing.cache"
 # Kept in FP32 under FP16: normalisation and softmax (the usual overflow/accuracy spots), and the Performer's
 # positive random features (exp, its einsums and sums), which the release itself computes in float32.
 FP32_ONNX_OPS = ("LayerNormalization", "Softmax", "Exp", "Einsum", "ReduceSum")
@@ -85,12 +85,16 @@ def this_machine() -> dict[str, str] | None:
 
 
 def plan_matches_this_machine(metadata: dict[str, Any]) -> tuple[bool, str]:
-    """Whether the artifacts' TensorRT plan may run here, and why (or why not).
+    """`plan_fits` of a metadata dict's `tensorrt` entry (see `ArtifactsMetadata.plan_fits_here`)."""
+    return plan_fits(metadata.get("tensorrt"))
+
+
+def plan_fits(built: dict[str, Any] | None) -> tuple[bool, str]:
+    """Whether a plan described by metadata's `tensorrt` entry may run here, and why (or why not).
 
     A plan is tied to the GPU model (compute capability and name) and the exact TensorRT version it was
-    built with; on any difference the service should rebuild it through `export_artifacts(force=True)`.
+    built with; on any difference the export stage rebuilds it (the artifacts count as stale here).
     """
-    built = metadata.get("tensorrt")
     if not built:
         return False, "the artifacts contain no TensorRT plan"
     here = this_machine()
@@ -171,7 +175,7 @@ def build_engine(
     profile = builder.create_optimization_profile()
     c, h, w = input_shape
     opt = max(1, max_batch // 2)
-    profile.set_shape("images", (1, c, h, w), (opt, c, h, w), (max_batch, c, h, w))
+    profile.set_shape(INPUT_NAME, (1, c, h, w), (opt, c, h, w), (max_batch, c, h, w))
     config.add_optimization_profile(profile)
 
     cache_bytes = previous_cache.read_bytes() if previous_cache and previous_cache.is_file() else b""

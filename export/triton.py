@@ -6,6 +6,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from .artifacts import ArtifactsMetadata
+
 MODEL_NAME = "vitae"
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64"}
 
@@ -16,13 +18,13 @@ def _tensor(entry: dict[str, Any]) -> str:
     return f'  {{\n    name: "{entry["name"]}"\n    data_type: {dtype}\n    dims: [ {dims} ]\n  }}'
 
 
-def config_pbtxt(metadata: dict[str, Any], *, plan: bool, max_queue_delay_us: int = 2000) -> str:
+def config_pbtxt(metadata: ArtifactsMetadata, *, plan: bool, max_queue_delay_us: int = 2000) -> str:
     """Triton's text-format ModelConfig for the exported model (ONNX Runtime, or TensorRT when a plan exists)."""
-    max_batch = metadata["settings"]["max_batch"]
+    max_batch = metadata.max_batch
     preferred = sorted({b for b in (max_batch // 4, max_batch // 2, max_batch) if b >= 1})
     platform, kind = ("tensorrt_plan", "KIND_GPU") if plan else ("onnxruntime_onnx", "KIND_AUTO")
-    inputs = ",\n".join(_tensor(e) for e in metadata["inputs"])
-    outputs = ",\n".join(_tensor(e) for e in metadata["outputs"])
+    inputs = ",\n".join(_tensor(e) for e in metadata.inputs)
+    outputs = ",\n".join(_tensor(e) for e in metadata.outputs)
     return (
         f'name: "{MODEL_NAME}"\n'
         f'platform: "{platform}"\n'
@@ -39,9 +41,9 @@ def config_pbtxt(metadata: dict[str, Any], *, plan: bool, max_queue_delay_us: in
     )
 
 
-def write_repository(artifacts: Path, metadata: dict[str, Any], repo: Path) -> Path:
+def write_repository(artifacts: Path, metadata: ArtifactsMetadata, repo: Path) -> Path:
     """Write `repo/vitae/` from an artifacts folder; returns the model folder. `repo` may already hold others."""
-    files = metadata["files"]
+    files = metadata.files
     plan = "plan" in files
     model_dir = repo / MODEL_NAME
     version_dir = model_dir / "1"

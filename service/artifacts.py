@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,13 +11,12 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file
 
+from export.artifacts import METADATA, ArtifactsMetadata, MetadataError
 from model import Preprocessing
 
 from .settings import Settings
 
 log = logging.getLogger(__name__)
-
-METADATA = "metadata.json"
 
 
 class ArtifactsError(RuntimeError):
@@ -30,7 +28,7 @@ class ServedModel:
     """Everything the service needs from an artifacts folder besides the backend itself."""
 
     folder: Path
-    metadata: dict[str, Any]
+    metadata: ArtifactsMetadata
     name: str
     version: str
     class_names: list[str]
@@ -46,11 +44,7 @@ class ServedModel:
 
     def file(self, key: str) -> Path | None:
         """Path of one of the metadata's `files` entries, or None when the export did not write it."""
-        name = (self.metadata.get("files") or {}).get(key)
-        if not name:
-            return None
-        path = self.folder / name
-        return path if path.exists() else None
+        return self.metadata.path(self.folder, key)
 
     def class_index(self, value: str | int) -> int:
         """A class given by index or by label -> its index; ValueError says what is accepted."""
@@ -101,20 +95,17 @@ def match_class_name(class_names: list[str], value: str) -> int:
 def read_artifacts(folder: str | Path) -> ServedModel:
     """Read metadata.json and head.safetensors of an export folder (no model is loaded here)."""
     folder = Path(folder)
-    meta_path = folder / METADATA
-    if not meta_path.is_file():
+    if not (folder / METADATA).is_file():
         raise ArtifactsError(
             f"no {METADATA} in {folder.resolve()}; run `python -m export --checkpoint PATH --out {folder}` "
             "or point VITAE_CHECKPOINT at a checkpoint to export at start"
         )
     try:
-        meta = json.loads(meta_path.read_text())
-        head = load_file(str(folder / meta["files"]["head"]))
-        preprocessing = Preprocessing.from_dict(meta["preprocessing"])
-        grid_h, grid_w = (int(v) for v in meta["grid"])
-        class_names = [str(c) for c in meta["class_names"]]
-        pooling = str(meta["config"].get("pooling", "mean"))
-    except (OSError, KeyError, TypeError, ValueError) as exc:
+        meta = ArtifactsMetadata.read(folder)
+        head = load_file(str(folder / meta.files["head"]))
+        grid_h, grid_w = (int(v) for v in meta.grid)
+        class_names = [str(c) for c in meta.class_names]
+    except (OSError, MetadataError) as exc:
         raise ArtifactsError(
             f"the artifacts in {folder} are incomplete or unreadable ({exc!r}); re-export them"
         ) from exc
@@ -126,12 +117,12 @@ def read_artifacts(folder: str | Path) -> ServedModel:
     return ServedModel(
         folder=folder,
         metadata=meta,
-        name=str(meta.get("name") or meta.get("variant") or folder.name),
-        version=str(meta.get("version") or ""),
+        name=meta.name or folder.name,
+        version=meta.version,
         class_names=class_names,
-        preprocessing=preprocessing,
+        preprocessing=meta.preprocessing_config(),
         grid=(grid_h, grid_w),
-        pooling=pooling,
+        pooling=meta.model_config().pooling,
         head_weight=weight,
         head_bias=bias,
     )
@@ -152,18 +143,19 @@ def ensure_artifacts(settings: Settings) -> ServedModel:
     they are unless VITAE_CHECKPOINT was set explicitly, so a default never overwrites a user's export.
     """
     folder, checkpoint = settings.artifacts, settings.checkpoint
-    existing = _read_json(folder / METADATA)
-    exported_from = ((existing or {}).get("checkpoint") or {}).get("path")
+    found = (folder / METADATA).is_file()
+    existing = ArtifactsMetadata.read_if_valid(folder)  # None for a folder of unknown origin: never ours
+    exported_from = (existing.checkpoint or {}).get("path") if existing else None
     explicit = "checkpoint" in settings.model_fields_set
-    ours = existing is None or explicit or _same_file(exported_from, checkpoint)
+    ours = not found or explicit or _same_file(exported_from, checkpoint)
     if settings.auto_export and ours and checkpoint.is_file():
         # Keep the options the folder was exported with (int8, precision, ...); a fresh folder gets ours.
-        options = dict((existing or {}).get("settings") or {}, max_batch=settings.max_batch_size)
+        options = dict(existing.settings if existing else {}, max_batch=settings.max_batch_size)
         options = {k: options[k] for k in ("max_batch", "precision", "int8_cpu") if k in options}
-        if existing and existing.get("class_names_source") == "labels" and _same_file(exported_from, checkpoint):
-            options["labels"] = existing["class_names"]  # names given with --labels outlive a re-export
-        _export_if_needed(checkpoint, folder, options, have_existing=existing is not None)
-    elif existing is None:
+        if existing and existing.class_names_source == "labels" and _same_file(exported_from, checkpoint):
+            options["labels"] = existing.class_names  # names given with --labels outlive a re-export
+        _export_if_needed(checkpoint, folder, options, have_existing=found)
+    elif not found:
         raise ArtifactsError(
             f"no artifacts in {folder.resolve()} and no checkpoint at {checkpoint.resolve()} to export; "
             "set VITAE_ARTIFACTS to an export folder or VITAE_CHECKPOINT to a checkpoint"
@@ -171,27 +163,11 @@ def ensure_artifacts(settings: Settings) -> ServedModel:
     return read_artifacts(folder)
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _export_if_needed(checkpoint: Path, folder: Path, options: dict[str, Any], have_existing: bool) -> None:
-    import export  # the export stage is only needed when there is something to (re)build
+    import export  # the pipeline (torch, onnx) is only loaded when there is something to (re)build
 
-    fresh = export.artifacts_are_fresh(checkpoint, folder, **options)
-    meta = _read_json(folder / METADATA) or {}
-    if fresh and meta.get("files", {}).get("plan") and _has_gpu():
-        # A plan is tied to a GPU and a TensorRT version: rebuild it through the export stage when it moved.
-        from export.tensorrt import plan_matches_this_machine
-
-        fresh, why = plan_matches_this_machine(meta)
-        if not fresh:
-            log.info("the TensorRT plan in %s does not fit this machine (%s): re-exporting", folder, why)
-            options = dict(options, force=True)
-    if fresh:
+    # Fresh includes the TensorRT plan: one built for another GPU or TensorRT version counts as stale here.
+    if export.artifacts_are_fresh(checkpoint, folder, **options):
         return
     log.info("artifacts in %s are missing or stale: exporting %s", folder, checkpoint)
     try:
@@ -200,12 +176,3 @@ def _export_if_needed(checkpoint: Path, folder: Path, options: dict[str, Any], h
         if not have_existing:
             raise
         log.exception("re-exporting %s failed; serving the artifacts already in %s", checkpoint, folder)
-
-
-def _has_gpu() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False

@@ -86,7 +86,7 @@ class TorchBackend:
     def __init__(self, served: ServedModel, device: str = "cpu", threads: int = 0) -> None:
         import torch
 
-        from model import ViTAE, ViTAEConfig, load_weights
+        from model import ViTAE, load_weights
 
         weights = served.file("weights")
         if weights is None:
@@ -97,7 +97,7 @@ class TorchBackend:
             torch.set_num_threads(threads)
         self._torch = torch
         self.device = device
-        self.model = load_weights(ViTAE(ViTAEConfig.from_dict(served.metadata["config"])), weights).eval()
+        self.model = load_weights(ViTAE(served.metadata.model_config()), weights).eval()
         self.model.requires_grad_(False)
         self.model.to(device)
 
@@ -175,9 +175,7 @@ class TensorRTBackend:
         plan = served.file("plan")
         if plan is None:
             raise BackendUnavailable(f"no TensorRT engine (files.plan) in {served.folder}")
-        from export.tensorrt import plan_matches_this_machine
-
-        matches, why = plan_matches_this_machine(served.metadata)
+        matches, why = served.metadata.plan_fits_here()
         if not matches:
             raise BackendUnavailable(f"model.plan was built elsewhere: {why}")
         self._torch = torch

@@ -91,10 +91,10 @@ def _load_explainer(served: ServedModel) -> AutogradGradCAM | None:
     weights = served.file("weights")
     if weights is None:
         return None
-    from model import ViTAE, ViTAEConfig, load_weights
+    from model import ViTAE, load_weights
 
     # Its own copy of the model: hooks on a module shared with the torch backend would fire in its thread.
-    return AutogradGradCAM(load_weights(ViTAE(ViTAEConfig.from_dict(served.metadata["config"])), weights))
+    return AutogradGradCAM(load_weights(ViTAE(served.metadata.model_config()), weights))
 
 
 async def _choose_backend(settings: Settings, served: ServedModel, given: Backend | None) -> tuple[Backend, str]:
@@ -122,7 +122,7 @@ async def _start_runtime(state: ServiceState, served: ServedModel, backend: Back
     settings, metrics = state.settings, state.metrics
     max_batch = settings.max_batch_size
     if backend.name == "tensorrt":  # the engine's optimization profile ends at the export's max batch
-        max_batch = min(max_batch, int(served.metadata.get("settings", {}).get("max_batch", max_batch)))
+        max_batch = min(max_batch, served.metadata.max_batch)
     classifier = _batcher(partial(classify_batch, backend, served), settings, metrics, "classify", max_batch)
     await classifier.run_on_worker(_warm_up, backend, served, max_batch)
     explainer_model = await asyncio.to_thread(_load_explainer, served)

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from export.artifacts import INPUT_NAME, LOGITS, TOKENS
+
 from .artifacts import ServedModel
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -335,8 +337,9 @@ def _little_endian(tensor: Tensor) -> np.ndarray:
 # ---------------------------------------------------------------- the served model, described
 
 
-IMAGES, IMAGE_BYTES = "images", "image_bytes"
-LOGITS, TOKENS, CAM = "logits", "tokens", "cam"
+# The v2 tensors: the exported graph's own (export.artifacts), plus encoded images in and a CAM out.
+IMAGES, IMAGE_BYTES = INPUT_NAME, "image_bytes"
+CAM = "cam"
 INPUT_RULE = (
     f"give exactly one input: '{IMAGES}' (FP32 [B, C, S, S], already preprocessed: the exported model's own input) "
     f"or '{IMAGE_BYTES}' (BYTES [B, 1] or [B], encoded images that the service decodes and preprocesses itself; "
@@ -388,10 +391,10 @@ class Signature:
 def signature(served: ServedModel, *, cam: bool) -> Signature:
     """The served model's v2 tensors; `cam` says whether this runtime can give CAMs."""
     prep = served.preprocessing
-    tokens = next((o for o in served.metadata.get("outputs", []) if o.get("name") == TOKENS), None)
+    tokens = served.metadata.tensor_shape(TOKENS)
     outputs = [TensorSpec(LOGITS, "FP32", (-1, served.num_classes))]
     if tokens is not None:
-        outputs.append(TensorSpec(TOKENS, "FP32", (-1, *(int(d) for d in tokens["shape"][1:]))))
+        outputs.append(TensorSpec(TOKENS, "FP32", (-1, *tokens[1:])))
     if cam:
         outputs.append(TensorSpec(CAM, "FP32", (-1, *served.grid)))
     return Signature(

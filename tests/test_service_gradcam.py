@@ -13,7 +13,7 @@ import torch
 from support.checkpoints import exported
 from support.images import sample_images
 
-from model import Preprocessing, ViTAE, ViTAEConfig, load_weights
+from model import Preprocessing, ViTAE, load_weights
 from model.preprocess import decode_image, preprocess
 from service.artifacts import read_artifacts
 from service.backends import OnnxRuntimeBackend
@@ -27,7 +27,7 @@ def served(tiny_checkpoint):
 
 
 def fresh_model(served) -> ViTAE:
-    return load_weights(ViTAE(ViTAEConfig.from_dict(served.metadata["config"])), served.file("weights")).eval()
+    return load_weights(ViTAE(served.metadata.model_config()), served.file("weights")).eval()
 
 
 @pytest.fixture(scope="module")
