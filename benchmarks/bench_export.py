@@ -23,8 +23,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from export.artifacts import INPUT_NAME, OUTPUT_NAMES  # noqa: E402
 from export.fold import fold_batchnorms  # noqa: E402
-from export.onnx_export import ServingModel, export_onnx  # noqa: E402
+from export.onnx_export import export_onnx  # noqa: E402
+from export.serving import ServingModel  # noqa: E402
 from model import create_model, load_weights  # noqa: E402
 
 EXPORTED, PLAIN = "exported (export/)", "plain torch.onnx.export"
@@ -40,9 +42,9 @@ def plain_export(model: torch.nn.Module, path: Path, example: torch.Tensor) -> N
             (example,),
             str(path),
             dynamo=False,
-            input_names=["images"],
-            output_names=["logits", "tokens"],
-            dynamic_axes={"images": {0: "batch"}},
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes={INPUT_NAME: {0: "batch"}},
         )
 
 
@@ -54,7 +56,7 @@ def ort_runner(path: Path, threads: int, level: ort.GraphOptimizationLevel, load
     start = time.perf_counter()
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     load_times[label] = time.perf_counter() - start
-    return lambda x: session.run(None, {"images": x})
+    return lambda x: session.run(None, {INPUT_NAME: x})
 
 
 def torch_runner(model: torch.nn.Module):

@@ -13,6 +13,7 @@ from PIL import Image
 from model.config import Preprocessing
 from model.preprocess import preprocess
 
+from .artifacts import INPUT_NAME, LOGITS
 from .inputs import fashion_mnist_test
 from .parity import cpu_session
 
@@ -65,11 +66,11 @@ def images_per_second(paths: tuple[Path, ...], batch: np.ndarray, repeats: int =
     sessions = [cpu_session(path) for path in paths]
     times: list[list[float]] = [[] for _ in paths]
     for session in sessions:
-        session.run(None, {"images": batch})  # warm-up
+        session.run(None, {INPUT_NAME: batch})  # warm-up
     for _ in range(repeats):
         for session, spent in zip(sessions, times, strict=True):
             start = time.perf_counter()
-            session.run(None, {"images": batch})
+            session.run(None, {INPUT_NAME: batch})
             spent.append(time.perf_counter() - start)
     return [len(batch) / float(np.median(spent)) for spent in times]
 
@@ -78,7 +79,7 @@ def top1(path: Path, images: np.ndarray, labels: np.ndarray, batch: int = EVAL_B
     session = cpu_session(path)
     correct = 0
     for start in range(0, len(images), batch):
-        logits = session.run(["logits"], {"images": images[start : start + batch]})[0]
+        logits = session.run([LOGITS], {INPUT_NAME: images[start : start + batch]})[0]
         correct += int((logits.argmax(axis=1) == labels[start : start + batch]).sum())
     return 100.0 * correct / len(images)
 

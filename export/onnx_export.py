@@ -8,31 +8,19 @@ from pathlib import Path
 
 import onnx
 import torch
-from torch import nn
 
 from model import ViTAE
 
+from .artifacts import INPUT_NAME, LOGITS, OUTPUT_NAMES, TOKENS
 from .graph import set_output_shape, tidy
+from .serving import ServingModel
 
 log = logging.getLogger(__name__)
 
 # Opset 20 is the first with the `Gelu` op, so each PRM branch is Conv -> Gelu instead of an Erf/Mul/Add
 # chain; ONNX Runtime runs it natively and the TensorRT 10.x and 11.x ONNX parsers import it.
 OPSET = 20
-INPUT_NAME = "images"
-OUTPUT_NAMES = ("logits", "tokens")
-
-
-class ServingModel(nn.Module):
-    """Images -> (logits, last-cell tokens): one pass gives the classes and what Grad-CAM needs."""
-
-    def __init__(self, model: ViTAE) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = self.model.forward_features(images)  # (B, N, C)
-        return self.model.forward_head(tokens), tokens  # (B, K), (B, N, C)
+__all__ = ["INPUT_NAME", "OPSET", "OUTPUT_NAMES", "ServingModel", "export_onnx", "token_count"]
 
 
 def token_count(model: ViTAE) -> int:
@@ -71,8 +59,8 @@ def export_onnx(model: ViTAE, path: Path, *, opset: int = OPSET, tidy_graph: boo
     if tidy_graph:
         report = tidy(graph)
         log.info("tidied the graph: %s", ", ".join(f"{k}={v}" for k, v in report.items()))
-    set_output_shape(graph, "logits", ["batch", cfg.num_classes])
-    set_output_shape(graph, "tokens", ["batch", token_count(model), cfg.embed_dim])
+    set_output_shape(graph, LOGITS, ["batch", cfg.num_classes])
+    set_output_shape(graph, TOKENS, ["batch", token_count(model), cfg.embed_dim])
     graph.producer_name = "vitae-serve export"
     onnx.checker.check_model(graph, full_check=True)
     onnx.save(graph, str(path))

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import torch
 
 from model import ViTAE
+
+from .artifacts import INPUT_NAME
+from .serving import serving_outputs
 
 TOLERANCE_FP32 = 1e-4
 
@@ -24,17 +26,10 @@ def cpu_session(path: Path | str, threads: int | None = None) -> ort.InferenceSe
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def torch_outputs(model: ViTAE, images: np.ndarray) -> dict[str, np.ndarray]:
-    with torch.inference_mode():
-        tokens = model.forward_features(torch.from_numpy(images))  # (B, N, C)
-        logits = model.forward_head(tokens)  # (B, K)
-    return {"logits": logits.numpy(), "tokens": tokens.numpy()}
-
-
 def max_abs_diffs(model: ViTAE, session: ort.InferenceSession, images: np.ndarray) -> dict[str, float]:
-    expected = torch_outputs(model, images)
+    expected = serving_outputs(model, images)
     names = [o.name for o in session.get_outputs()]
-    got = dict(zip(names, session.run(names, {"images": images}), strict=True))
+    got = dict(zip(names, session.run(names, {INPUT_NAME: images}), strict=True))
     return {name: float(np.max(np.abs(got[name] - expected[name]))) for name in expected}
 
 

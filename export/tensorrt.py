@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from .artifacts import INPUT_NAME, LAYERS, PLAN, TIMING_CACHE
@@ -231,29 +232,62 @@ def prm_fusion_problems(layers: dict[str, Any], blocks: list[PRMBlock]) -> list[
     return problems
 
 
-def run_plan(plan: Path, images):
-    """Run a plan on a float32 numpy batch with torch CUDA buffers; returns {output name: numpy array}."""
-    import torch
+def _torch_dtype(torch, trt, dtype):
+    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32}
+    if hasattr(trt, "bfloat16"):
+        table[trt.bfloat16] = torch.bfloat16
+    return table[dtype]
 
-    trt = _import_tensorrt()
-    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan.read_bytes())
-    context = engine.create_execution_context()
-    torch_types = {trt.float32: torch.float32, trt.float16: torch.float16}
-    buffers = {}
-    for i in range(engine.num_io_tensors):
-        name = engine.get_tensor_name(i)
-        if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-            buffers[name] = torch.from_numpy(images).cuda().contiguous()
-            context.set_input_shape(name, tuple(images.shape))
-    for i in range(engine.num_io_tensors):
-        name = engine.get_tensor_name(i)
-        if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
-            shape = tuple(context.get_tensor_shape(name))
-            buffers[name] = torch.empty(shape, dtype=torch_types[engine.get_tensor_dtype(name)], device="cuda")
-    for name, buffer in buffers.items():
-        context.set_tensor_address(name, buffer.data_ptr())
-    stream = torch.cuda.current_stream()
-    if not context.execute_async_v3(stream.cuda_stream):
-        raise RuntimeError("TensorRT execution failed")
-    stream.synchronize()
-    return {name: b.float().cpu().numpy() for name, b in buffers.items() if name != "images"}
+
+class PlanRunner:
+    """A deserialized plan on one CUDA device, run by tensor name (TensorRT 10.x/11.x I/O API).
+
+    float32 images (B, C, S, S) in numpy -> {output name: float32 numpy}, e.g. logits (B, K) and tokens
+    (B, N, D). CUDA memory comes from PyTorch; the input is cast to the dtype the engine declares. Not
+    thread-safe: one caller (the service's worker thread) at a time.
+    """
+
+    def __init__(self, plan: bytes, device: str | None = None) -> None:
+        import torch
+
+        trt = _import_tensorrt()
+        self._torch = torch
+        self.device = device or f"cuda:{torch.cuda.current_device()}"  # "cuda:N": set_device needs the index
+        torch.cuda.set_device(self.device)
+        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = self._runtime.deserialize_cuda_engine(plan)
+        if self.engine is None:
+            raise RuntimeError("TensorRT could not deserialize the plan")
+        self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream(device=self.device)
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.dtypes = {name: _torch_dtype(torch, trt, self.engine.get_tensor_dtype(name)) for name in names}
+        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        torch = self._torch
+        torch.cuda.set_device(self.device)  # the current device is per thread
+        with torch.cuda.stream(self.stream):
+            x = torch.from_numpy(np.ascontiguousarray(images, np.float32)).to(self.device, non_blocking=True)
+            x = x.to(self.dtypes[INPUT_NAME]).contiguous()  # (B, C, S, S)
+            self.context.set_input_shape(INPUT_NAME, tuple(x.shape))
+            self.context.set_tensor_address(INPUT_NAME, x.data_ptr())
+            outputs = {}
+            for name in self.outputs:
+                shape = tuple(self.context.get_tensor_shape(name))
+                outputs[name] = torch.empty(shape, dtype=self.dtypes[name], device=self.device)
+                self.context.set_tensor_address(name, outputs[name].data_ptr())
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise RuntimeError("TensorRT execution failed")
+            host = {name: tensor.float().cpu() for name, tensor in outputs.items()}
+        self.stream.synchronize()
+        return {name: tensor.numpy() for name, tensor in host.items()}
+
+    def close(self) -> None:
+        self.context = None
+        self.engine = None
+
+
+def run_plan(plan: Path, images: np.ndarray) -> dict[str, np.ndarray]:
+    """Run a plan file once on a float32 numpy batch on the current CUDA device; {output name: numpy array}."""
+    return PlanRunner(plan.read_bytes())(images)

@@ -13,6 +13,8 @@ from typing import Protocol
 
 import numpy as np
 
+from export.artifacts import INPUT_NAME, LOGITS, OUTPUT_NAMES, TOKENS
+
 from .artifacts import ServedModel
 
 log = logging.getLogger(__name__)
@@ -86,7 +88,7 @@ class TorchBackend:
     def __init__(self, served: ServedModel, device: str = "cpu", threads: int = 0) -> None:
         import torch
 
-        from model import ViTAE, load_weights
+        from export.serving import ServingModel, rebuild_model
 
         weights = served.file("weights")
         if weights is None:
@@ -95,22 +97,20 @@ class TorchBackend:
             raise BackendUnavailable("PyTorch sees no CUDA device")
         if threads:
             torch.set_num_threads(threads)
-        self._torch = torch
         self.device = device
-        self.model = load_weights(ViTAE(served.metadata.model_config()), weights).eval()
+        self.model = rebuild_model(served.metadata, weights).eval()
         self.model.requires_grad_(False)
         self.model.to(device)
+        self._serving = ServingModel(self.model)
 
     def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        torch = self._torch
-        with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.device)
-            tokens = self.model.forward_features(x)  # (B, N, D)
-            logits = self.model.forward_head(tokens)  # (B, K)
-            return logits.float().cpu().numpy(), tokens.float().cpu().numpy()
+        from export.serving import serving_outputs
+
+        outputs = serving_outputs(self._serving, images, self.device)
+        return outputs[LOGITS], outputs[TOKENS]
 
     def close(self) -> None:
-        self.model = None
+        self.model = self._serving = None
 
 
 class OnnxRuntimeBackend:
@@ -144,11 +144,12 @@ class OnnxRuntimeBackend:
         self.path = path
         self.device = f"cuda:{gpu_index(device)}" if gpu else "cpu"
         self._outputs = [o.name for o in self.session.get_outputs()]
-        if "logits" not in self._outputs or "tokens" not in self._outputs:
-            raise BackendUnavailable(f"{path.name} lacks the outputs logits and tokens (has {self._outputs})")
+        if not set(OUTPUT_NAMES) <= set(self._outputs):
+            raise BackendUnavailable(f"{path.name} lacks the outputs {', '.join(OUTPUT_NAMES)} (has {self._outputs})")
 
     def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        logits, tokens = self.session.run(["logits", "tokens"], {"images": np.ascontiguousarray(images, np.float32)})
+        feed = {INPUT_NAME: np.ascontiguousarray(images, np.float32)}
+        logits, tokens = self.session.run(list(OUTPUT_NAMES), feed)
         return logits.astype(np.float32, copy=False), tokens.astype(np.float32, copy=False)
 
     def close(self) -> None:
@@ -156,7 +157,7 @@ class OnnxRuntimeBackend:
 
 
 class TensorRTBackend:
-    """model.plan through the TensorRT Python API (10.x/11.x name-based I/O), CUDA memory from PyTorch.
+    """model.plan through `export.tensorrt.PlanRunner` (name-based I/O, CUDA memory from PyTorch).
 
     Written against the documented API (deserialize_cuda_engine, set_input_shape, set_tensor_address,
     execute_async_v3); not run on this project's CPU machines.
@@ -166,7 +167,7 @@ class TensorRTBackend:
 
     def __init__(self, served: ServedModel, device: str = "cuda") -> None:
         try:
-            import tensorrt as trt
+            import tensorrt  # noqa: F401  (only to say clearly when it is missing)
             import torch
         except ImportError as exc:
             raise BackendUnavailable(f"the tensorrt package is not installed ({exc})") from exc
@@ -178,54 +179,23 @@ class TensorRTBackend:
         matches, why = served.metadata.plan_fits_here()
         if not matches:
             raise BackendUnavailable(f"model.plan was built elsewhere: {why}")
-        self._torch = torch
+        from export.tensorrt import PlanRunner
+
         self.device = f"cuda:{gpu_index(device)}"
-        torch.cuda.set_device(self.device)
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine(plan.read_bytes())
-        if self.engine is None:
-            raise BackendUnavailable(f"TensorRT could not deserialize {plan}")
-        self.context = self.engine.create_execution_context()
-        self.stream = torch.cuda.Stream(device=self.device)
-        self._dtypes = {}
-        for i in range(self.engine.num_io_tensors):
-            name = self.engine.get_tensor_name(i)
-            self._dtypes[name] = _torch_dtype(torch, trt, self.engine.get_tensor_dtype(name))
-        missing = {"images", "logits", "tokens"} - set(self._dtypes)
+        try:
+            self.runner = PlanRunner(plan.read_bytes(), self.device)
+        except RuntimeError as exc:
+            raise BackendUnavailable(f"{exc} ({plan})") from exc
+        missing = {INPUT_NAME, *OUTPUT_NAMES} - set(self.runner.dtypes)
         if missing:
             raise BackendUnavailable(f"model.plan lacks the tensors {sorted(missing)}")
 
     def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        torch = self._torch
-        torch.cuda.set_device(self.device)  # the current device is per thread; this runs on the worker thread
-        with torch.cuda.stream(self.stream):
-            x = torch.from_numpy(np.ascontiguousarray(images, np.float32)).to(self.device, non_blocking=True)
-            x = x.to(self._dtypes["images"]).contiguous()
-            self.context.set_input_shape("images", tuple(x.shape))
-            self.context.set_tensor_address("images", x.data_ptr())
-            outputs = {}
-            for name in ("logits", "tokens"):
-                shape = tuple(self.context.get_tensor_shape(name))
-                outputs[name] = torch.empty(shape, dtype=self._dtypes[name], device=self.device)
-                self.context.set_tensor_address(name, outputs[name].data_ptr())
-            if not self.context.execute_async_v3(self.stream.cuda_stream):
-                raise RuntimeError("TensorRT execution failed")
-            logits = outputs["logits"].float().cpu()
-            tokens = outputs["tokens"].float().cpu()
-        self.stream.synchronize()
-        return logits.numpy(), tokens.numpy()
+        outputs = self.runner(images)
+        return outputs[LOGITS], outputs[TOKENS]
 
     def close(self) -> None:
-        self.context = None
-        self.engine = None
-
-
-def _torch_dtype(torch, trt, dtype):
-    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32}
-    if hasattr(trt, "bfloat16"):
-        table[trt.bfloat16] = torch.bfloat16
-    return table[dtype]
+        self.runner.close()
 
 
 def create_backend(name: str, served: ServedModel, device: str, threads: int = 0, int8: bool = True) -> Backend:

@@ -91,10 +91,10 @@ def _load_explainer(served: ServedModel) -> AutogradGradCAM | None:
     weights = served.file("weights")
     if weights is None:
         return None
-    from model import ViTAE, load_weights
+    from export.serving import rebuild_model
 
     # Its own copy of the model: hooks on a module shared with the torch backend would fire in its thread.
-    return AutogradGradCAM(load_weights(ViTAE(served.metadata.model_config()), weights))
+    return AutogradGradCAM(rebuild_model(served.metadata, weights))
 
 
 async def _choose_backend(settings: Settings, served: ServedModel, given: Backend | None) -> tuple[Backend, str]:
