@@ -10,6 +10,8 @@ import onnx
 from onnx import helper, numpy_helper
 from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
+from model import ViTAEConfig
+
 
 def op_counts(model: onnx.ModelProto) -> Counter:
     return Counter(node.op_type for node in model.graph.node)
@@ -217,3 +219,17 @@ def find_prm_blocks(model: onnx.ModelProto) -> list[PRMBlock]:
             )
         )
     return blocks
+
+
+def check_graph(graph: onnx.ModelProto, cfg: ViTAEConfig) -> None:
+    """The promises of the export about its graph: BatchNorms folded, GELU as `Gelu`, each PRM fused-ready."""
+    ops = op_counts(graph)
+    if ops.get("BatchNormalization"):
+        raise GraphCheckError(f"{ops['BatchNormalization']} BatchNormalization nodes survived folding")
+    if not ops.get("Gelu"):
+        opset = next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), None)
+        raise GraphCheckError(f"no Gelu op in the graph (opset {opset}); GELU was decomposed")
+    expected = sum(1 for r in cfg.downsample_ratios if r > 1)
+    blocks = find_prm_blocks(graph)
+    if len(blocks) != expected:
+        raise GraphCheckError(f"found {len(blocks)} PRM Conv->Gelu->Concat blocks, expected {expected}")

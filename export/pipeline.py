@@ -1,7 +1,9 @@
 """The export stage end to end: checkpoint -> checked ONNX (+ weights, head, int8, TensorRT) + metadata.json.
 
 Everything is built in a staging folder beside `out` and moved into place only when every step passed,
-so a failing export leaves `out` as it was.
+so a failing export leaves `out` as it was. The steps of `_build`, in order: ONNX (fold BatchNorm, export,
+check the graph), parity against PyTorch, weights and head, int8 (when asked), TensorRT (when it can run
+here), metadata.json.
 """
 
 from __future__ import annotations
@@ -16,20 +18,22 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnxruntime
 import torch
 from safetensors.torch import save_file
 
-from model import ViTAEConfig
+from model import ViTAE
 
 from . import tensorrt as trt_step
 from .artifacts import FORMAT, HEAD, METADATA, ONNX, ONNX_INT8, OUTPUT_NAMES, WEIGHTS, ArtifactsMetadata
 from .fold import fold_batchnorms
-from .graph import GraphCheckError, find_prm_blocks, op_counts
+from .graph import check_graph
 from .inputs import model_inputs
 from .int8 import evaluate_int8, quantize
 from .labels import labels_digest
@@ -40,9 +44,53 @@ from .triton import MODEL_NAME, write_repository
 
 log = logging.getLogger(__name__)
 
+__all__ = ["FORMAT", "PRECISIONS", "ExportOptions", "artifacts_are_fresh", "check_graph", "export_artifacts"]
+
 # Bump when a change to this package changes what it writes, so older artifacts count as stale.
 EXPORT_REVISION = 2  # 2: class names for released weights (ImageNet-1k), class_names_source, wordnet_ids
 PRECISIONS = ("fp16", "fp32")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What an export is asked for, checked once; `export_artifacts(..., **fields)` builds one.
+
+    `labels` name the classes in index order, replacing the checkpoint's names (see export.labels).
+    """
+
+    variant: str | None = None
+    num_classes: int | None = None
+    max_batch: int = 32
+    precision: str = "fp16"
+    int8_cpu: bool = False
+    triton_repo: Path | None = None
+    force: bool = False
+    labels: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_batch, int) or self.max_batch < 1:
+            raise ValueError(f"max_batch must be a positive integer, got {self.max_batch!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.triton_repo is not None:
+            object.__setattr__(self, "triton_repo", Path(self.triton_repo))
+
+    def settings(self) -> dict[str, Any]:
+        """The options that shape the artifacts, as metadata.json records them."""
+        return {"max_batch": self.max_batch, "precision": self.precision, "opset": OPSET, "int8_cpu": self.int8_cpu}
+
+    def fingerprint(self, checkpoint: Path, checkpoint_sha: str) -> str:
+        """What the artifacts are a function of: the checkpoint (weights and its JSON), the request, the exporter."""
+        facts = {
+            "checkpoint": checkpoint_sha,
+            "sidecar": _sidecar_sha(checkpoint),
+            "variant": self.variant,
+            "num_classes": self.num_classes,
+            "labels": labels_digest(self.labels),
+            "settings": self.settings(),
+            "revision": EXPORT_REVISION,
+        }
+        return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
 
 
 @contextmanager
@@ -53,38 +101,9 @@ def step(name: str) -> Iterator[None]:
     log.info("%s: done in %.2f s", name, time.perf_counter() - start)
 
 
-def _settings(max_batch: int, precision: str, int8_cpu: bool) -> dict[str, Any]:
-    if not isinstance(max_batch, int) or max_batch < 1:
-        raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    return {"max_batch": max_batch, "precision": precision, "opset": OPSET, "int8_cpu": bool(int8_cpu)}
-
-
 def _sidecar_sha(checkpoint: Path) -> str | None:
     sidecar = checkpoint.with_suffix(".json")
     return sha256_file(sidecar) if sidecar.is_file() and sidecar != checkpoint else None
-
-
-def _fingerprint(
-    checkpoint_sha: str,
-    checkpoint: Path,
-    variant: str | None,
-    num_classes: int | None,
-    settings: dict[str, Any],
-    labels: Sequence[str] | None = None,
-) -> str:
-    """What the artifacts are a function of: the checkpoint (weights and its JSON), the request, the exporter."""
-    facts = {
-        "checkpoint": checkpoint_sha,
-        "sidecar": _sidecar_sha(checkpoint),
-        "variant": variant,
-        "num_classes": num_classes,
-        "labels": labels_digest(labels),
-        "settings": settings,
-        "revision": EXPORT_REVISION,
-    }
-    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
 
 
 def _artifacts_staleness(out: Path, fingerprint: str) -> str | None:
@@ -112,52 +131,31 @@ def _triton_staleness(out: Path, triton_repo: Path) -> str | None:
 
 
 def artifacts_are_fresh(
-    checkpoint: str | Path,
-    out: str | Path,
-    *,
-    variant: str | None = None,
-    num_classes: int | None = None,
-    max_batch: int = 32,
-    precision: str = "fp16",
-    int8_cpu: bool = False,
-    triton_repo: str | Path | None = None,
-    force: bool = False,
-    labels: Sequence[str] | None = None,
+    checkpoint: str | Path, out: str | Path, options: ExportOptions | None = None, **fields: Any
 ) -> bool:
     """Whether `export_artifacts` with the same arguments would rebuild nothing."""
     checkpoint, out = Path(checkpoint), Path(out)
-    if force or not checkpoint.is_file():
+    options = options or ExportOptions(**fields)
+    if options.force or not checkpoint.is_file():
         return False
-    settings = _settings(max_batch, precision, int8_cpu)
-    fingerprint = _fingerprint(sha256_file(checkpoint), checkpoint, variant, num_classes, settings, labels)
-    if _artifacts_staleness(out, fingerprint) is not None:
+    if _artifacts_staleness(out, options.fingerprint(checkpoint, sha256_file(checkpoint))) is not None:
         return False
-    return triton_repo is None or _triton_staleness(out, Path(triton_repo)) is None
+    return options.triton_repo is None or _triton_staleness(out, options.triton_repo) is None
 
 
 def export_artifacts(
-    checkpoint: str | Path,
-    out: str | Path,
-    *,
-    variant: str | None = None,
-    num_classes: int | None = None,
-    max_batch: int = 32,
-    precision: str = "fp16",
-    int8_cpu: bool = False,
-    triton_repo: str | Path | None = None,
-    force: bool = False,
-    labels: Sequence[str] | None = None,
+    checkpoint: str | Path, out: str | Path, options: ExportOptions | None = None, **fields: Any
 ) -> dict[str, Any]:
     """Build the serving artifacts of `checkpoint` in `out` (unless they are current) and return their metadata.
 
-    `labels` name the classes in index order, replacing the checkpoint's names (see export.labels).
+    Options as an `ExportOptions` or as its fields by keyword: variant, num_classes, max_batch=32,
+    precision="fp16", int8_cpu=False, triton_repo, force=False, labels.
 
     Raises FileNotFoundError, model.CheckpointError (naming the offending keys), ValueError for bad options,
     export.parity.ParityError or export.graph.GraphCheckError; in every case `out` is left untouched.
     """
     checkpoint, out = Path(checkpoint), Path(out)
-    triton_repo = Path(triton_repo) if triton_repo is not None else None
-    settings = _settings(max_batch, precision, int8_cpu)
+    options = options or ExportOptions(**fields)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / METADATA).is_file())):
@@ -165,112 +163,135 @@ def export_artifacts(
 
     with step(f"checksum {checkpoint}"):
         checkpoint_sha = sha256_file(checkpoint)
-    fingerprint = _fingerprint(checkpoint_sha, checkpoint, variant, num_classes, settings, labels)
-    stale = "--force" if force else _artifacts_staleness(out, fingerprint)
+    fingerprint = options.fingerprint(checkpoint, checkpoint_sha)
+    stale = "--force" if options.force else _artifacts_staleness(out, fingerprint)
     if stale is None:
         meta = ArtifactsMetadata.read(out)
         log.info("artifacts in %s are up to date (%s %s); nothing rebuilt", out, meta.name, meta.version)
-        if triton_repo is not None and (why := _triton_staleness(out, triton_repo)) is not None:
+        if options.triton_repo is not None and (why := _triton_staleness(out, options.triton_repo)) is not None:
             log.info("writing the Triton repository: %s", why)
-            _install_triton(out, meta, triton_repo)
+            _install_triton(out, meta, options.triton_repo)
         return meta.to_dict()
     log.info("building artifacts in %s: %s", out, stale)
 
     started = time.perf_counter()
     with step("load checkpoint"):
-        source = load_source(checkpoint, variant=variant, num_classes=num_classes, labels=labels)
+        source = load_source(
+            checkpoint, variant=options.variant, num_classes=options.num_classes, labels=options.labels
+        )
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-staging-", dir=_existing_ancestor(out.parent)))
     try:
-        meta = _build(source, checkpoint, checkpoint_sha, fingerprint, settings, staging, previous=out)
+        meta = _build(source, options, staging, previous=out)
+        origin = {"path": str(checkpoint), "sha256": checkpoint_sha}
+        meta = dataclasses.replace(meta, version=checkpoint_sha[:12], checkpoint=origin, fingerprint=fingerprint)
+        _write_metadata(meta, staging)
         _replace_dir(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if triton_repo is not None:
-        _install_triton(out, meta, triton_repo)
+    meta = ArtifactsMetadata.read(out)  # what a later up-to-date call reads back: lists, not tuples
+    if options.triton_repo is not None:
+        _install_triton(out, meta, options.triton_repo)
     log.info("exported %s %s to %s in %.1f s", meta.name, meta.version, out, time.perf_counter() - started)
     return meta.to_dict()
 
 
-def _build(
-    source: Source,
-    checkpoint: Path,
-    checkpoint_sha: str,
-    fingerprint: str,
-    settings: dict[str, Any],
-    staging: Path,
-    previous: Path,
-) -> ArtifactsMetadata:
-    model, cfg = source.model, source.model.config
-    max_batch = settings["max_batch"]
-    files = {"onnx": ONNX, "weights": WEIGHTS, "head": HEAD}
+# ---------------------------------------------------------------- the build, step by step
 
+
+def _build(source: Source, options: ExportOptions, staging: Path, previous: Path) -> ArtifactsMetadata:
+    """Every artifact in `staging`; returns their metadata (checkpoint, version, fingerprint left to the caller)."""
+    model = source.model
+    files = {"onnx": ONNX, "weights": WEIGHTS, "head": HEAD}
+    _onnx_step(model, staging)
+    parity, images = _parity_step(model, staging, options.max_batch)
+    _weights_step(model, staging)
+    int8 = _int8_step(model, staging, images, files) if options.int8_cpu else None
+    tensorrt = _tensorrt_step(model, options, staging, previous, files)
+    return _metadata(source, options, staging, files, parity=parity, int8=int8, tensorrt=tensorrt)
+
+
+def _onnx_step(model: ViTAE, staging: Path) -> None:
     with step("fold BatchNorm into convolutions"):
         folded = fold_batchnorms(model)
     with step(f"export ONNX (opset {OPSET})"):
         graph = export_onnx(folded, staging / ONNX)
     with step("check the graph"):
-        check_graph(graph, cfg)
+        check_graph(graph, model.config)
+
+
+def _parity_step(model: ViTAE, staging: Path, max_batch: int) -> tuple[dict[str, Any], np.ndarray]:
+    """ONNX Runtime against the unfolded PyTorch model at batch 1 and max_batch; the inputs are reused later."""
     with step(f"parity ONNX Runtime vs PyTorch at batch 1 and {max_batch}"):
-        images, origin = model_inputs(cfg.preprocessing, max_batch)
+        images, origin = model_inputs(model.config.preprocessing, max_batch)
         diffs = check_parity(model, staging / ONNX, images, tuple(sorted({1, max_batch})))
-        parity = {"inputs": origin, "tolerance": TOLERANCE_FP32, "max_abs_diff": diffs}
         log.info("max abs differences on %s: %s", origin, json.dumps(diffs))
+    return {"inputs": origin, "tolerance": TOLERANCE_FP32, "max_abs_diff": diffs}, images
+
+
+def _weights_step(model: ViTAE, staging: Path) -> None:
     with step("save weights and head"):
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(staging / WEIGHTS))
-        save_file(
-            {"weight": model.head.weight.detach().contiguous(), "bias": model.head.bias.detach().contiguous()},
-            str(staging / HEAD),
+        head = {"weight": model.head.weight, "bias": model.head.bias}
+        save_file({k: v.detach().contiguous() for k, v in head.items()}, str(staging / HEAD))
+
+
+def _int8_step(model: ViTAE, staging: Path, images: np.ndarray, files: dict[str, str]) -> dict[str, Any]:
+    """Quantise, measure, and keep the int8 model (adding it to `files`) only when it earns its place."""
+    cfg = model.config
+    with step("int8 CPU model"):
+        quantize(staging / ONNX, staging / ONNX_INT8)
+        report = evaluate_int8(
+            staging / ONNX, staging / ONNX_INT8, cfg.preprocessing, num_classes=cfg.num_classes, speed_batch=images
         )
+        log.info(
+            "int8: %.1f vs fp32 %.1f images/s; top-1 int8 %s vs fp32 %s on %d test images -> %s (%s)",
+            report.int8_images_per_s,
+            report.fp32_images_per_s,
+            report.int8_top1,
+            report.fp32_top1,
+            report.eval_images,
+            "kept" if report.kept else "discarded",
+            report.reason,
+        )
+        if report.kept:
+            files["onnx_int8"] = ONNX_INT8
+        else:
+            (staging / ONNX_INT8).unlink()
+    return dataclasses.asdict(report)
 
-    int8 = None
-    if settings["int8_cpu"]:
-        with step("int8 CPU model"):
-            quantize(staging / ONNX, staging / ONNX_INT8)
-            report = evaluate_int8(
-                staging / ONNX,
-                staging / ONNX_INT8,
-                cfg.preprocessing,
-                num_classes=cfg.num_classes,
-                speed_batch=images,
-            )
-            int8 = dataclasses.asdict(report)
-            log.info(
-                "int8: %.1f vs fp32 %.1f images/s; top-1 int8 %s vs fp32 %s on %d test images -> %s (%s)",
-                report.int8_images_per_s,
-                report.fp32_images_per_s,
-                report.int8_top1,
-                report.fp32_top1,
-                report.eval_images,
-                "kept" if report.kept else "discarded",
-                report.reason,
-            )
-            if report.kept:
-                files["onnx_int8"] = ONNX_INT8
-            else:
-                (staging / ONNX_INT8).unlink()
 
-    tensorrt = None
+def _tensorrt_step(
+    model: ViTAE, options: ExportOptions, staging: Path, previous: Path, files: dict[str, str]
+) -> dict[str, Any] | None:
+    """The TensorRT plan (adding it to `files`) when TensorRT and a GPU are here; None, with one log line, if not."""
     reason = trt_step.unavailable_reason()
     if reason is not None:
         log.info(reason)
-    else:
-        with step(f"TensorRT engine ({settings['precision']})"):
-            tensorrt = trt_step.build_engine(
-                staging / ONNX,
-                staging,
-                input_shape=(cfg.in_chans, cfg.img_size, cfg.img_size),
-                max_batch=max_batch,
-                precision=settings["precision"],
-                previous_cache=previous / trt_step.TIMING_CACHE,
-            )
-            files["plan"], files["layers"] = trt_step.PLAN, trt_step.LAYERS
+        return None
+    cfg = model.config
+    with step(f"TensorRT engine ({options.precision})"):
+        built = trt_step.build_engine(
+            staging / ONNX,
+            staging,
+            input_shape=(cfg.in_chans, cfg.img_size, cfg.img_size),
+            max_batch=options.max_batch,
+            precision=options.precision,
+            previous_cache=previous / trt_step.TIMING_CACHE,
+        )
+    files["plan"], files["layers"] = trt_step.PLAN, trt_step.LAYERS
+    return built
 
-    logits_shape, tokens_shape = [-1, cfg.num_classes], [-1, token_count(model), cfg.embed_dim]
-    meta = ArtifactsMetadata(
+
+def _metadata(
+    source: Source, options: ExportOptions, staging: Path, files: dict[str, str], **reports: dict[str, Any] | None
+) -> ArtifactsMetadata:
+    cfg = source.model.config
+    logits_shape, tokens_shape = [-1, cfg.num_classes], [-1, token_count(source.model), cfg.embed_dim]
+    return ArtifactsMetadata(
         name=source.name,
-        version=checkpoint_sha[:12],
+        version="",  # version, checkpoint and fingerprint: set by export_artifacts, which knows the file
         variant=source.variant,
         config=cfg.to_dict(),
         class_names=source.class_names,
@@ -285,12 +306,7 @@ def _build(
         ],
         files=files,
         checksums={name: sha256_file(staging / name) for name in files.values()},
-        checkpoint={"path": str(checkpoint), "sha256": checkpoint_sha},
-        fingerprint=fingerprint,
-        settings=settings,
-        parity=parity,
-        int8=int8,
-        tensorrt=tensorrt,
+        settings=options.settings(),
         versions={
             "torch": torch.__version__,
             "onnx": onnx.__version__,
@@ -298,23 +314,16 @@ def _build(
             "tensorrt": trt_step.tensorrt_version(),
         },
         exported_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **reports,
     )
+
+
+def _write_metadata(meta: ArtifactsMetadata, staging: Path) -> None:
     meta.write(staging)
     _readable_by_all(staging)
-    return ArtifactsMetadata.read(staging)  # what a later up-to-date call reads back: lists, not tuples
 
 
-def check_graph(graph: onnx.ModelProto, cfg: ViTAEConfig) -> None:
-    """The promises of the export about its graph: BatchNorms folded, GELU as `Gelu`, each PRM fused-ready."""
-    ops = op_counts(graph)
-    if ops.get("BatchNormalization"):
-        raise GraphCheckError(f"{ops['BatchNormalization']} BatchNormalization nodes survived folding")
-    if not ops.get("Gelu"):
-        raise GraphCheckError(f"no Gelu op in the graph (opset {OPSET}); GELU was decomposed")
-    expected = sum(1 for r in cfg.downsample_ratios if r > 1)
-    blocks = find_prm_blocks(graph)
-    if len(blocks) != expected:
-        raise GraphCheckError(f"found {len(blocks)} PRM Conv->Gelu->Concat blocks, expected {expected}")
+# ---------------------------------------------------------------- files and folders
 
 
 def _readable_by_all(folder: Path) -> None:
