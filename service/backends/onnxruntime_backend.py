@@ -1,0 +1,53 @@
+"""The ONNX Runtime backend: model.onnx (or the vetted int8 model on CPU), CPU or CUDA execution provider."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from export.artifacts import INPUT_NAME, OUTPUT_NAMES
+
+from ..artifacts import ServedModel
+from .base import BackendUnavailable, gpu_index
+
+
+class OnnxRuntimeBackend:
+    """model.onnx (or the vetted int8 model on CPU) in ONNX Runtime: CUDA EP when asked and present."""
+
+    name = "onnxruntime"
+
+    def __init__(self, served: ServedModel, *, gpu: bool, device: str = "cpu", threads: int = 0, int8: bool = True):
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        if gpu and "CUDAExecutionProvider" not in available:
+            raise BackendUnavailable(f"ONNX Runtime has no CUDAExecutionProvider (providers: {', '.join(available)})")
+        path = served.file("onnx")
+        int8_path = served.file("onnx_int8")
+        if not gpu and int8 and int8_path is not None:
+            # The export keeps an int8 model only when it is faster here and within 0.5 points of top-1.
+            path = int8_path
+        if path is None:
+            raise BackendUnavailable(f"no ONNX model (files.onnx) in {served.folder}")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        # One worker thread calls run() at a time; spinning threads would only steal the event loop's CPU.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        providers: list = ["CPUExecutionProvider"]
+        if gpu:
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": gpu_index(device)}))
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.path = path
+        self.device = f"cuda:{gpu_index(device)}" if gpu else "cpu"
+        self._outputs = [o.name for o in self.session.get_outputs()]
+        if not set(OUTPUT_NAMES) <= set(self._outputs):
+            raise BackendUnavailable(f"{path.name} lacks the outputs {', '.join(OUTPUT_NAMES)} (has {self._outputs})")
+
+    def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        feed = {INPUT_NAME: np.ascontiguousarray(images, np.float32)}
+        logits, tokens = self.session.run(list(OUTPUT_NAMES), feed)
+        return logits.astype(np.float32, copy=False), tokens.astype(np.float32, copy=False)
+
+    def close(self) -> None:
+        self.session = None
