@@ -1,5 +1,6 @@
 """TensorRT engine: build (10.x weakly typed + precision constraints, 11.x strongly typed from an FP16 ONNX),
-inspect, and decide whether a plan fits the current machine.
+inspect, run (`PlanRunner`, also the service's TensorRT backend), and decide whether a plan fits the current
+machine (`plan_fits`, behind `ArtifactsMetadata.plan_fits_here`; `gpu_identity` is the one GPU probe).
 
 Nothing here is imported eagerly: `tensorrt` is an optional dependency, and without it (or without a GPU)
 the export logs one line and moves on.
@@ -186,13 +187,7 @@ def build_engine(
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise RuntimeError("TensorRT failed to build the engine (see the TensorRT log above)")
-    (out_dir / PLAN).write_bytes(bytes(plan))
-    (out_dir / TIMING_CACHE).write_bytes(bytes(config.get_timing_cache().serialize()))
-
-    engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
-    inspector = engine.create_engine_inspector()
-    layers = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
-    (out_dir / LAYERS).write_text(json.dumps(layers, indent=1) + "\n")
+    _write_engine(trt, logger, plan, config, out_dir)
 
     machine = this_machine() or {}
     return {
@@ -203,6 +198,16 @@ def build_engine(
         "strongly_typed": strongly_typed,
         "profile": {"min": 1, "opt": opt, "max": max_batch},
     }
+
+
+def _write_engine(trt, logger, plan, config, out_dir: Path) -> None:
+    """model.plan, the timing cache for the next build, and layers.json (the engine inspector's layer list)."""
+    (out_dir / PLAN).write_bytes(bytes(plan))
+    (out_dir / TIMING_CACHE).write_bytes(bytes(config.get_timing_cache().serialize()))
+    engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
+    inspector = engine.create_engine_inspector()
+    layers = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+    (out_dir / LAYERS).write_text(json.dumps(layers, indent=1) + "\n")
 
 
 def layer_names(layers: dict[str, Any]) -> list[tuple[str, str]]:

@@ -2,8 +2,11 @@
 
 Owns: the HTTP API (`app.py` factory, `routes/`), the runtime lifecycle (`lifecycle.py`), batching,
 backends, pre-/post-processing glue and the service settings (`settings.py`, prefix VITAE_).
-May import: `model` (preprocessing; the PyTorch backend and autograd Grad-CAM) and `export` (only to
-rebuild missing or stale artifacts). Nothing in `model` or `export` imports `service`.
+May import: `model` (preprocessing) and `export`: its artifacts contract (`export.artifacts`: metadata.json
+as `ArtifactsMetadata`, file and tensor names), the serving forward and TensorRT runner it shares with the
+export (`export.serving`, `export.tensorrt.PlanRunner`, loaded only by the PyTorch and TensorRT backends and
+Grad-CAM), and the pipeline to rebuild missing or stale artifacts. Nothing in `model` or `export` imports
+`service`.
 """
 
 from .app import create_app
