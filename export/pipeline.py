@@ -1,7 +1,7 @@
 """The export stage end to end: checkpoint -> checked ONNX (+ weights, head, int8, TensorRT) + metadata.json.
 
-Everything is built in a staging folder beside `out` and moved into place only when every step passed,
-so a failing export leaves `out` as it was.
+Everything is built in a staging folder inside `out` and swapped in only when every step passed, so a
+failing export leaves `out` as it was; `out` itself is never renamed (it may be a mount point, see staging.py).
 """
 
 from __future__ import annotations
@@ -35,13 +35,15 @@ from .labels import labels_digest
 from .onnx_export import INPUT_NAME, OPSET, export_onnx, token_count
 from .parity import TOLERANCE_FP32, check_parity
 from .source import Source, load_source, sha256_file
-from .triton import MODEL_NAME, write_repository
+from .staging import foreign_entries, make_staging, swap_in
+from .triton import MODEL_NAME, plan_model_name, write_repository
 
 log = logging.getLogger(__name__)
 
 FORMAT = "vitae-artifacts/1"
 # Bump when a change to this package changes what it writes, so older artifacts count as stale.
-EXPORT_REVISION = 2  # 2: class names for released weights (ImageNet-1k), class_names_source, wordnet_ids
+EXPORT_REVISION = 3  # 2: class names for released weights (ImageNet-1k), class_names_source, wordnet_ids
+# 3: the Performer in its FP16-range form, engine parity
 PRECISIONS = ("fp16", "fp32")
 ONNX, ONNX_INT8, WEIGHTS, HEAD = "model.onnx", "model_int8.onnx", "model.safetensors", "head.safetensors"
 METADATA = "metadata.json"
@@ -115,13 +117,17 @@ def _artifacts_staleness(out: Path, fingerprint: str) -> str | None:
     return None
 
 
-def _triton_staleness(out: Path, triton_repo: Path) -> str | None:
+def _triton_staleness(out: Path, triton_repo: Path, plan: bool = False) -> str | None:
     meta = _read_metadata(out)
     model_onnx = triton_repo / MODEL_NAME / "1" / "model.onnx"
     if meta is None or not (triton_repo / MODEL_NAME / "config.pbtxt").is_file() or not model_onnx.is_file():
         return f"no Triton model in {triton_repo}"
     if sha256_file(model_onnx) != meta["checksums"][meta["files"]["onnx"]]:
         return f"the Triton model in {triton_repo} is not this export"
+    if plan and meta.get("tensorrt"):
+        model_plan = triton_repo / plan_model_name(meta["tensorrt"]["version"]) / "1" / "model.plan"
+        if not model_plan.is_file() or sha256_file(model_plan) != meta["checksums"][meta["files"]["plan"]]:
+            return f"no Triton plan model of this export in {triton_repo}"
     return None
 
 
@@ -135,6 +141,7 @@ def artifacts_are_fresh(
     precision: str = "fp16",
     int8_cpu: bool = False,
     triton_repo: str | Path | None = None,
+    triton_plan: bool = False,
     force: bool = False,
     labels: Sequence[str] | None = None,
 ) -> bool:
@@ -146,7 +153,7 @@ def artifacts_are_fresh(
     fingerprint = _fingerprint(sha256_file(checkpoint), checkpoint, variant, num_classes, settings, labels)
     if _artifacts_staleness(out, fingerprint) is not None:
         return False
-    return triton_repo is None or _triton_staleness(out, Path(triton_repo)) is None
+    return triton_repo is None or _triton_staleness(out, Path(triton_repo), triton_plan) is None
 
 
 def export_artifacts(
@@ -159,6 +166,7 @@ def export_artifacts(
     precision: str = "fp16",
     int8_cpu: bool = False,
     triton_repo: str | Path | None = None,
+    triton_plan: bool = False,
     force: bool = False,
     labels: Sequence[str] | None = None,
 ) -> dict[str, Any]:
@@ -174,7 +182,7 @@ def export_artifacts(
     settings = _settings(max_batch, precision, int8_cpu)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / METADATA).is_file())):
+    if out.exists() and (not out.is_dir() or (foreign_entries(out) and not (out / METADATA).is_file())):
         raise ValueError(f"{out} exists and is not an artifacts folder; pick another --out or remove it")
 
     with step(f"checksum {checkpoint}"):
@@ -184,24 +192,27 @@ def export_artifacts(
     if stale is None:
         meta = _read_metadata(out)
         log.info("artifacts in %s are up to date (%s %s); nothing rebuilt", out, meta["name"], meta["version"])
-        if triton_repo is not None and (why := _triton_staleness(out, triton_repo)) is not None:
+        if triton_repo is not None and (why := _triton_staleness(out, triton_repo, triton_plan)) is not None:
             log.info("writing the Triton repository: %s", why)
-            _install_triton(out, meta, triton_repo)
+            _install_triton(out, meta, triton_repo, triton_plan)
         return meta
     log.info("building artifacts in %s: %s", out, stale)
 
     started = time.perf_counter()
     with step("load checkpoint"):
         source = load_source(checkpoint, variant=variant, num_classes=num_classes, labels=labels)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-staging-", dir=_existing_ancestor(out.parent)))
+    created = not out.exists()
+    staging = make_staging(out)
     try:
         meta = _build(source, checkpoint, checkpoint_sha, fingerprint, settings, staging, previous=out)
-        _replace_dir(staging, out)
+        swap_in(staging, out, retire=_previous_entries(out), last=METADATA)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
         raise
     if triton_repo is not None:
-        _install_triton(out, meta, triton_repo)
+        _install_triton(out, meta, triton_repo, triton_plan)
     log.info("exported %s %s to %s in %.1f s", meta["name"], meta["version"], out, time.perf_counter() - started)
     return meta
 
@@ -279,7 +290,12 @@ def _build(
                 precision=settings["precision"],
                 previous_cache=previous / trt_step.TIMING_CACHE,
             )
-            files["plan"], files["layers"] = trt_step.PLAN, trt_step.LAYERS
+        with step("TensorRT engine vs fp32 on the parity images"):
+            # Raises EngineParityError (the export fails, nothing is written) unless the plan agrees.
+            tensorrt["parity"] = trt_step.engine_parity(
+                staging / trt_step.PLAN, staging / ONNX, images, precision=settings["precision"], origin=origin
+            )
+        files["plan"], files["layers"] = trt_step.PLAN, trt_step.LAYERS
 
     meta = {
         "format": FORMAT,
@@ -341,11 +357,10 @@ def _readable_by_all(folder: Path) -> None:
         path.chmod(0o666 & ~umask)
 
 
-def _existing_ancestor(path: Path) -> Path:
-    path = path.resolve()
-    while not path.exists():
-        path = path.parent
-    return path
+def _previous_entries(out: Path) -> list[str]:
+    """What the export in `out` consists of, to be replaced: its files, its timing cache, its metadata."""
+    meta = _read_metadata(out) or {}
+    return [*(meta.get("files") or {}).values(), trt_step.TIMING_CACHE, METADATA]
 
 
 def _replace_dir(staging: Path, out: Path) -> None:
@@ -365,12 +380,12 @@ def _replace_dir(staging: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _install_triton(out: Path, meta: dict[str, Any], repo: Path) -> None:
+def _install_triton(out: Path, meta: dict[str, Any], repo: Path, plan: bool) -> None:
     with step(f"Triton repository in {repo}"):
         repo.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".vitae-staging-", dir=repo))
         try:
-            write_repository(out, meta, staging)
-            _replace_dir(staging / MODEL_NAME, repo / MODEL_NAME)
+            for model_dir in write_repository(out, meta, staging, plan=plan):
+                _replace_dir(model_dir, repo / model_dir.name)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

@@ -142,7 +142,7 @@ class OnnxRuntimeBackend:
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": gpu_index(device)}))
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.path = path
-        self.device = f"cuda:{gpu_index(device)}" if gpu else "cpu"
+        self.device = session_device(self.session, f"cuda:{gpu_index(device)}" if gpu else "cpu")
         self._outputs = [o.name for o in self.session.get_outputs()]
         if "logits" not in self._outputs or "tokens" not in self._outputs:
             raise BackendUnavailable(f"{path.name} lacks the outputs logits and tokens (has {self._outputs})")
@@ -153,6 +153,22 @@ class OnnxRuntimeBackend:
 
     def close(self) -> None:
         self.session = None
+
+
+def session_device(session, requested: str) -> str:
+    """The device an ONNX Runtime session really runs on, from `get_providers()` (not from what was asked).
+
+    ORT falls back to CPU with only a warning when the CUDA provider fails to load (CUDA or cuDNN libraries
+    missing or of another major version); the backend then reports "cpu" and says why in one log line.
+    """
+    active = session.get_providers()
+    if requested.startswith("cuda") and "CUDAExecutionProvider" not in active:
+        log.warning(
+            "ONNX Runtime's CUDA execution provider did not load (session providers: %s); running on cpu",
+            ", ".join(active),
+        )
+        return "cpu"
+    return requested
 
 
 class TensorRTBackend:
@@ -184,8 +200,11 @@ class TensorRTBackend:
         self.device = f"cuda:{gpu_index(device)}"
         torch.cuda.set_device(self.device)
         self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine(plan.read_bytes())
+        try:
+            self._runtime = trt.Runtime(self._logger)
+            self.engine = self._runtime.deserialize_cuda_engine(plan.read_bytes())
+        except Exception as exc:  # CUDA that cannot start raises here (e.g. TypeError, CUDA error 35)
+            raise BackendUnavailable(f"TensorRT cannot start: {type(exc).__name__}: {exc}") from exc
         if self.engine is None:
             raise BackendUnavailable(f"TensorRT could not deserialize {plan}")
         self.context = self.engine.create_execution_context()
@@ -274,6 +293,10 @@ def select_backend(
             backend = create_backend(name, served, dev, threads, int8)
         except BackendUnavailable as exc:
             skipped.append(f"{name}: {exc}")
+            continue
+        if gpu and not backend.device.startswith("cuda"):
+            skipped.append(f"{name}: asked for {dev} but runs on {backend.device}")
+            backend.close()
             continue
         where = f"{gpus} GPU(s) visible" if gpu else f"CPU only ({os.cpu_count()} cores, no GPU requested or visible)"
         reason = f"auto: {name} on {backend.device} is the fastest available ({where})"
