@@ -19,8 +19,6 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .graph import PRMBlock
-
 log = logging.getLogger(__name__)
 
 PLAN, LAYERS, TIMING_CACHE = "model.plan", "layers.json", "timing.cache"
@@ -276,33 +274,6 @@ def save_timing_cache(config, attached, path: Path) -> bool:
     return True
 
 
-def layer_names(layers: dict[str, Any]) -> list[tuple[str, str]]:
-    """(name, type) of every engine layer in an inspector JSON (DETAILED gives dicts, otherwise names)."""
-    out = []
-    for layer in layers.get("Layers", []):
-        if isinstance(layer, dict):
-            out.append((str(layer.get("Name", "")), str(layer.get("LayerType", ""))))
-        else:
-            out.append((str(layer), ""))
-    return out
-
-
-def prm_fusion_problems(layers: dict[str, Any], blocks: list[PRMBlock]) -> list[str]:
-    """What keeps the engine from the fused PRM: a conv not sharing a layer with its Gelu, a standalone Concat."""
-    named = layer_names(layers)
-    problems = []
-    for block in blocks:
-        for conv, gelu in zip(block.convs, block.gelus, strict=True):
-            if not any(conv in name and gelu in name for name, _ in named):
-                problems.append(f"conv {conv} is not fused with {gelu}")
-        standalone = [
-            name for name, kind in named if name == block.concat or (block.concat in name and "Concat" in kind)
-        ]
-        if standalone:
-            problems.append(f"PRM concat {block.concat} survives as layer(s) {standalone}")
-    return problems
-
-
 def run_plan(plan: Path, images: np.ndarray) -> dict[str, np.ndarray]:
     """Run a plan on a float32 numpy batch of any size (chunks of the profile's max) with torch CUDA buffers.
 
@@ -350,10 +321,40 @@ class EngineParityError(RuntimeError):
     """The built engine does not compute what the fp32 model computes; the plan is refused."""
 
 
+def compare_to_fp32(
+    got: dict[str, np.ndarray], expected: dict[str, np.ndarray], precision: str
+) -> tuple[dict[str, Any], list[str]]:
+    """The agreement figures of reduced-precision outputs with fp32 ones, and what fails the engine rule."""
+    finite = bool(all(np.isfinite(got[name]).all() for name in expected))
+    agree = int((got["logits"].argmax(axis=1) == expected["logits"].argmax(axis=1)).sum())
+    count = len(expected["logits"])
+    scale = max(1.0, float(np.abs(expected["logits"]).max()))
+    with np.errstate(invalid="ignore"):
+        diff = {name: float(np.abs(got[name] - expected[name]).max()) for name in expected}
+    tolerance = ENGINE_TOLERANCE[precision]
+    figures = {
+        "images": count,
+        "finite": finite,
+        "top1_agree": agree,
+        "max_abs_diff": diff,
+        "logit_scale": scale,
+        "tolerance": tolerance,
+        "tolerance_rule": "max |logits - fp32| <= tolerance * max(1, max |fp32 logits|)",
+    }
+    problems = []
+    if not finite:
+        problems.append("non-finite outputs (inf/NaN)")
+    if agree != count:
+        problems.append(f"top-1 agrees with fp32 on {agree}/{count} images only")
+    if not diff["logits"] <= tolerance * scale:  # also catches NaN
+        problems.append(f"max |logits - fp32| {diff['logits']:.3g} > {tolerance:g} x logit scale {scale:.3g}")
+    return figures, problems
+
+
 def engine_parity(plan: Path, onnx_path: Path, images: np.ndarray, *, precision: str, origin: str) -> dict[str, Any]:
     """Run the plan and fp32 ONNX Runtime (CPU) on the same real images; the figures, or EngineParityError.
 
-    Refused unless every logit is finite, top-1 agrees with fp32 on every image, and the max logit difference
+    Refused unless every output is finite, top-1 agrees with fp32 on every image, and the max logit difference
     is within `ENGINE_TOLERANCE[precision]` of the logit scale.
     """
     from .parity import cpu_session
@@ -361,40 +362,17 @@ def engine_parity(plan: Path, onnx_path: Path, images: np.ndarray, *, precision:
     images = np.ascontiguousarray(images, np.float32)
     names = ["logits", "tokens"]
     expected = dict(zip(names, cpu_session(onnx_path).run(names, {"images": images}), strict=True))
-    got = run_plan(plan, images)
-    finite = bool(np.isfinite(got["logits"]).all() and np.isfinite(got["tokens"]).all())
-    agree = int((got["logits"].argmax(axis=1) == expected["logits"].argmax(axis=1)).sum())
-    scale = max(1.0, float(np.abs(expected["logits"]).max()))
-    diff = {name: float(np.abs(got[name] - expected[name]).max()) for name in ("logits", "tokens")}
-    figures = {
-        "inputs": origin,
-        "images": len(images),
-        "finite": finite,
-        "top1_agree": agree,
-        "max_abs_diff": diff,
-        "logit_scale": scale,
-        "tolerance": ENGINE_TOLERANCE[precision],
-        "tolerance_rule": "max |logits - fp32| <= tolerance * max(1, max |fp32 logits|)",
-    }
-    problems = []
-    if not finite:
-        problems.append("non-finite outputs (inf/NaN)")
-    if agree != len(images):
-        problems.append(f"top-1 agrees with fp32 on {agree}/{len(images)} images only")
-    if not diff["logits"] <= ENGINE_TOLERANCE[precision] * scale:
-        problems.append(
-            f"max |logits - fp32| {diff['logits']:.3g} > {ENGINE_TOLERANCE[precision]:g} x logit scale {scale:.3g}"
-        )
+    figures, problems = compare_to_fp32(run_plan(plan, images), expected, precision)
     if problems:
         raise EngineParityError(f"the {precision} TensorRT engine is refused on {origin}: " + "; ".join(problems))
     log.info(
         "TensorRT %s vs fp32 on %s: top-1 %d/%d, max |logits diff| %.3g (scale %.3g), max |tokens diff| %.3g",
         precision,
         origin,
-        agree,
-        len(images),
-        diff["logits"],
-        scale,
-        diff["tokens"],
+        figures["top1_agree"],
+        figures["images"],
+        figures["max_abs_diff"]["logits"],
+        figures["logit_scale"],
+        figures["max_abs_diff"]["tokens"],
     )
-    return figures
+    return {"inputs": origin, **figures}
