@@ -70,8 +70,10 @@ def test_image_torch_tensorrt_and_onnxruntime_gpu_share_one_cuda_major():
 def test_make_test_gpu_installs_the_gpu_extra_and_the_pinned_torch():
     torch_pin = pins(PYPROJECT["project"]["dependencies"])["torch"]
     recipe = MAKEFILE[MAKEFILE.index("\ngpu-setup:") : MAKEFILE.index("\ntest-gpu:")]
-    assert f"'torch=={torch_pin}'" in recipe, "make gpu-setup must install the CUDA build of the pinned torch"
-    assert "'.[gpu" in recipe, "make gpu-setup must install the gpu extra (its pins), not versions of its own"
+    # The local label is needed: `torch==2.13.0` is already met by the CPU build, so pip would keep it.
+    cuda_build = f"'torch=={torch_pin}+cu{image_cuda_major()}0'"
+    assert cuda_build in recipe, f"make gpu-setup must install {cuda_build}, the CUDA build of the pinned torch"
+    assert "requirements.py --extra gpu" in recipe, "make gpu-setup must install the gpu extra's pins, as the image"
     assert re.search(r"^test-gpu: gpu-setup$", MAKEFILE, re.M)
 
 
