@@ -164,11 +164,16 @@ def _keep_fp32(trt, network) -> int:
     pinned = 0
     for i in range(network.num_layers):
         layer = network.get_layer(i)
-        if layer.type in kinds or PERFORMER_KERNEL.match(layer.name):
-            layer.precision = trt.float32
-            for j in range(layer.num_outputs):
-                layer.set_output_type(j, trt.float32)
-            pinned += 1
+        if not (layer.type in kinds or PERFORMER_KERNEL.match(layer.name)):
+            continue
+        # Only floating outputs: the kernel's shape arithmetic and TopK's indices are integers and stay so.
+        floating = [j for j in range(layer.num_outputs) if layer.get_output(j).dtype in (trt.float32, trt.float16)]
+        if not floating:
+            continue
+        layer.precision = trt.float32
+        for j in floating:
+            layer.set_output_type(j, trt.float32)
+        pinned += 1
     return pinned
 
 
