@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import tomllib
 
-from conftest import ROOT
+from support.checkpoints import ROOT
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 DOCKERFILE = (ROOT / "docker" / "Dockerfile.gpu").read_text()

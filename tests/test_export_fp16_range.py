@@ -14,7 +14,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import DEMO_CHECKPOINT, SHARED_REFERENCE
+from support.checkpoints import DEMO_CHECKPOINT, SHARED_REFERENCE
 
 from export.fold import fold_batchnorms
 from export.fp16_range import FP16_MAX, FP16_SAFE_LIMIT, intermediate_ranges, out_of_range, with_all_outputs

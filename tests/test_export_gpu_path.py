@@ -11,8 +11,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import DEMO_CHECKPOINT, SHARED_REFERENCE, tiny_model
 from google.protobuf import text_format
+from support.checkpoints import DEMO_CHECKPOINT, SHARED_REFERENCE, tiny_model
 from tritonclient.grpc import model_config_pb2
 
 from export import export_artifacts

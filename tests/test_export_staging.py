@@ -21,7 +21,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from support.checkpoints import ROOT
 
 from export import export_artifacts
 from export.staging import STAGING_PREFIX
