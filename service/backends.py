@@ -277,7 +277,10 @@ def select_backend(
     """
     if requested != "auto":
         backend = create_backend(requested, served, device, threads, int8)
-        return Selection(backend, f"VITAE_BACKEND={requested}")
+        reason = f"VITAE_BACKEND={requested}"
+        if wants_gpu(device) and not backend.device.startswith("cuda"):
+            reason += f"; VITAE_DEVICE={device} was asked for, but it runs on {backend.device} (CUDA did not load)"
+        return Selection(backend, reason)
     gpu = wants_gpu(device)
     gpus = cuda_device_count()
     if gpu is None:
