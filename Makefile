@@ -71,8 +71,9 @@ bench-export: setup
 bench-service: setup
 	$(BIN)/python benchmarks/bench_service.py
 
-# On a GPU machine (NVIDIA driver >= 580, CUDA 13): swap in the CUDA 13 builds of torch (PyTorch's cu130 index,
-# same version as the CPU pin; the +cu130 label, since ==2.13.0 alone is met by the CPU build) and the `gpu` extra, then run the TensorRT/CUDA tests, which skip elsewhere.
+# On a GPU machine (NVIDIA driver >= 580, CUDA 13): swap in the CUDA 13 build of torch (PyTorch's cu130 index,
+# same version as the CPU pin; the +cu130 label, since ==2.13.0 alone is met by the CPU build) and the `gpu`
+# extra, then run the TensorRT/CUDA tests, which skip elsewhere.
 # onnxruntime-gpu installs the same module as onnxruntime, so the CPU one goes first, and the extra is installed
 # from docker/requirements.py's list (as in the GPU image), which leaves the CPU onnxruntime out.
 TORCH_CUDA_INDEX := https://download.pytorch.org/whl/cu130
