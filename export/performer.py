@@ -56,7 +56,7 @@ class StableTokenPerformer(TokenPerformer):
         # Maxima as TopK(1): ONNX Runtime's symbolic shape inference (graph.tidy) cannot read ReduceMax's axes input.
         tokens = int(lk.shape[1])  # a constant of the graph: only the batch dimension is dynamic
         max_k = lk.flatten(1).topk(1, dim=1).values.unsqueeze(2)  # (B, 1, 1)
-        kp = torch.exp(lk - max_k) / tokens  # (B, T, m), in (0, 1/T]
+        kp = torch.exp(lk - max_k) * (1.0 / tokens)  # (B, T, m), in (0, 1/T]
         # Queries: one scale per token. qp = c_q qp'.
         max_q = lq.topk(1, dim=2).values  # (B, T, 1)
         qp = torch.exp(lq - max_q)  # (B, T, m), in (0, 1]
