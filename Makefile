@@ -8,7 +8,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data browser ui-screenshot serve test test-gpu lint export train-demo evaluate-demo bench bench-export bench-service
+.PHONY: setup data browser ui-screenshot serve test gpu-setup test-gpu lint export train-demo evaluate-demo bench bench-export bench-service
 
 setup: $(VENV)/.installed
 
@@ -71,9 +71,17 @@ bench-export: setup
 bench-service: setup
 	$(BIN)/python benchmarks/bench_service.py
 
-# On a GPU machine (with a CUDA build of torch): swap in the GPU runtimes and run the TensorRT/CUDA tests,
-# which skip elsewhere. onnxruntime-gpu installs the same module as onnxruntime, so the CPU one goes first.
-test-gpu: setup
+# On a GPU machine (NVIDIA driver >= 580, CUDA 13): swap in the CUDA 13 build of torch (PyTorch's cu130 index,
+# same version as the CPU pin; the +cu130 label, since ==2.13.0 alone is met by the CPU build) and the `gpu`
+# extra, then run the TensorRT/CUDA tests, which skip elsewhere.
+# onnxruntime-gpu installs the same module as onnxruntime, so the CPU one goes first, and the extra is installed
+# from docker/requirements.py's list (as in the GPU image), which leaves the CPU onnxruntime out.
+TORCH_CUDA_INDEX := https://download.pytorch.org/whl/cu130
+gpu-setup: setup
 	$(BIN)/pip uninstall --quiet -y onnxruntime
-	$(BIN)/pip install --quiet 'onnxruntime-gpu>=1.20' 'tensorrt>=10.0'
+	$(BIN)/pip install --quiet --index-url $(TORCH_CUDA_INDEX) 'torch==2.13.0+cu130'
+	$(BIN)/python docker/requirements.py --extra gpu > $(VENV)/requirements-gpu.txt
+	$(BIN)/pip install --quiet -r $(VENV)/requirements-gpu.txt
+
+test-gpu: gpu-setup
 	$(BIN)/python -m pytest -q -rs -m gpu

@@ -28,7 +28,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-batch", type=int, default=32, help="largest batch the artifacts must serve")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp16", help="TensorRT engine precision")
     parser.add_argument("--int8-cpu", action="store_true", help="also try an ONNX Runtime int8 model")
-    parser.add_argument("--triton-repo", help="also write a Triton model repository here")
+    parser.add_argument("--triton-repo", help="also write a Triton model repository here (the ONNX model)")
+    parser.add_argument(
+        "--triton-plan",
+        action="store_true",
+        help="also put the TensorRT plan in the Triton repository, as a model named after its TensorRT version",
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even when the artifacts are current")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     return parser.parse_args(argv)
@@ -48,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             precision=args.precision,
             int8_cpu=args.int8_cpu,
             triton_repo=args.triton_repo,
+            triton_plan=args.triton_plan,
             force=args.force,
             labels=labels,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from pathlib import Path
@@ -13,6 +14,7 @@ from model import ViTAE
 
 from .artifacts import INPUT_NAME, LOGITS, OUTPUT_NAMES, TOKENS
 from .graph import set_output_shape, tidy
+from .performer import stable_performers
 from .serving import ServingModel
 
 log = logging.getLogger(__name__)
@@ -28,8 +30,13 @@ def token_count(model: ViTAE) -> int:
     return cfg.grid_size**2 + (1 if cfg.pooling == "cls" else 0)
 
 
-def export_onnx(model: ViTAE, path: Path, *, opset: int = OPSET, tidy_graph: bool = True) -> onnx.ModelProto:
+def export_onnx(
+    model: ViTAE, path: Path, *, opset: int = OPSET, tidy_graph: bool = True, fp16_safe: bool = True
+) -> onnx.ModelProto:
     """Export `model` (already folded, eval mode) to one self-contained ONNX file with a dynamic batch.
+
+    With `fp16_safe` (the default) the graph computes the Performer in its FP16-range form
+    (`export.performer`): same fp32 result, every intermediate inside FP16's range; `model` is not modified.
 
     Uses the TorchScript-based exporter (`dynamo=False`): at opset 20 it maps `nn.GELU` to `Gelu`, keeps the
     PRM's single channel Concat followed by its flatten, and needs no onnxscript. Its leftovers (shape
@@ -37,6 +44,10 @@ def export_onnx(model: ViTAE, path: Path, *, opset: int = OPSET, tidy_graph: boo
     by `graph.tidy`.
     """
     cfg = model.config
+    if fp16_safe:
+        model = copy.deepcopy(model)
+        swapped = stable_performers(model)
+        log.info("Performer in its FP16-range form in %d reduction cell(s)", swapped)
     example = torch.zeros(2, cfg.in_chans, cfg.img_size, cfg.img_size)
     batch = {0: "batch"}
     with warnings.catch_warnings():

@@ -1,8 +1,9 @@
 """The export stage end to end: checkpoint -> checked ONNX (+ weights, head, int8, TensorRT) + metadata.json.
 
-Everything is built in a staging folder beside `out` and moved into place only when every step passed,
-so a failing export leaves `out` as it was. The steps of `_build`, in order: ONNX (fold BatchNorm, export,
-check the graph), parity against PyTorch, weights and head, int8 (when asked), TensorRT (when it can run
+Everything is built in a staging folder inside `out` and swapped in only when every step passed, so a
+failing export leaves `out` as it was; `out` itself is never renamed (it may be a mount point, see staging.py).
+The steps of `_build`, in order: ONNX (fold BatchNorm, export in the FP16-range form, check the graph), parity
+against PyTorch, weights and head, int8 (when asked), TensorRT and its parity with fp32 (when it can run
 here), metadata.json.
 """
 
@@ -31,7 +32,19 @@ from safetensors.torch import save_file
 from model import ViTAE
 
 from . import tensorrt as trt_step
-from .artifacts import FORMAT, HEAD, METADATA, ONNX, ONNX_INT8, OUTPUT_NAMES, WEIGHTS, ArtifactsMetadata
+from .artifacts import (
+    FORMAT,
+    HEAD,
+    LAYERS,
+    METADATA,
+    ONNX,
+    ONNX_INT8,
+    OUTPUT_NAMES,
+    PLAN,
+    TIMING_CACHE,
+    WEIGHTS,
+    ArtifactsMetadata,
+)
 from .fold import fold_batchnorms
 from .graph import check_graph
 from .inputs import model_inputs
@@ -40,14 +53,16 @@ from .labels import labels_digest
 from .onnx_export import INPUT_NAME, OPSET, export_onnx, token_count
 from .parity import TOLERANCE_FP32, check_parity
 from .source import Source, load_source, sha256_file
-from .triton import MODEL_NAME, write_repository
+from .staging import foreign_entries, make_staging, swap_in
+from .triton import MODEL_NAME, plan_model_name, write_repository
 
 log = logging.getLogger(__name__)
 
 __all__ = ["FORMAT", "PRECISIONS", "ExportOptions", "artifacts_are_fresh", "check_graph", "export_artifacts"]
 
 # Bump when a change to this package changes what it writes, so older artifacts count as stale.
-EXPORT_REVISION = 2  # 2: class names for released weights (ImageNet-1k), class_names_source, wordnet_ids
+EXPORT_REVISION = 3  # 2: class names for released weights (ImageNet-1k), class_names_source, wordnet_ids
+# 3: the Performer in its FP16-range form, engine parity
 PRECISIONS = ("fp16", "fp32")
 
 
@@ -56,6 +71,7 @@ class ExportOptions:
     """What an export is asked for, checked once; `export_artifacts(..., **fields)` builds one.
 
     `labels` name the classes in index order, replacing the checkpoint's names (see export.labels).
+    `triton_plan` also puts the TensorRT plan in the Triton repository (only with `triton_repo`).
     """
 
     variant: str | None = None
@@ -64,6 +80,7 @@ class ExportOptions:
     precision: str = "fp16"
     int8_cpu: bool = False
     triton_repo: Path | None = None
+    triton_plan: bool = False
     force: bool = False
     labels: Sequence[str] | None = None
 
@@ -120,13 +137,17 @@ def _artifacts_staleness(out: Path, fingerprint: str) -> str | None:
     return meta.plan_outdated_here()
 
 
-def _triton_staleness(out: Path, triton_repo: Path) -> str | None:
+def _triton_staleness(out: Path, triton_repo: Path, plan: bool = False) -> str | None:
     meta = ArtifactsMetadata.read_if_valid(out)
     model_onnx = triton_repo / MODEL_NAME / "1" / "model.onnx"
     if meta is None or not (triton_repo / MODEL_NAME / "config.pbtxt").is_file() or not model_onnx.is_file():
         return f"no Triton model in {triton_repo}"
     if sha256_file(model_onnx) != meta.checksums[meta.files["onnx"]]:
         return f"the Triton model in {triton_repo} is not this export"
+    if plan and meta.tensorrt:
+        model_plan = triton_repo / plan_model_name(meta.tensorrt["version"]) / "1" / "model.plan"
+        if not model_plan.is_file() or sha256_file(model_plan) != meta.checksums[meta.files["plan"]]:
+            return f"no Triton plan model of this export in {triton_repo}"
     return None
 
 
@@ -140,7 +161,7 @@ def artifacts_are_fresh(
         return False
     if _artifacts_staleness(out, options.fingerprint(checkpoint, sha256_file(checkpoint))) is not None:
         return False
-    return options.triton_repo is None or _triton_staleness(out, options.triton_repo) is None
+    return options.triton_repo is None or _triton_staleness(out, options.triton_repo, options.triton_plan) is None
 
 
 def export_artifacts(
@@ -149,7 +170,7 @@ def export_artifacts(
     """Build the serving artifacts of `checkpoint` in `out` (unless they are current) and return their metadata.
 
     Options as an `ExportOptions` or as its fields by keyword: variant, num_classes, max_batch=32,
-    precision="fp16", int8_cpu=False, triton_repo, force=False, labels.
+    precision="fp16", int8_cpu=False, triton_repo, triton_plan=False, force=False, labels.
 
     Raises FileNotFoundError, model.CheckpointError (naming the offending keys), ValueError for bad options,
     export.parity.ParityError or export.graph.GraphCheckError; in every case `out` is left untouched.
@@ -158,7 +179,7 @@ def export_artifacts(
     options = options or ExportOptions(**fields)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / METADATA).is_file())):
+    if out.exists() and (not out.is_dir() or (foreign_entries(out) and not (out / METADATA).is_file())):
         raise ValueError(f"{out} exists and is not an artifacts folder; pick another --out or remove it")
 
     with step(f"checksum {checkpoint}"):
@@ -168,9 +189,10 @@ def export_artifacts(
     if stale is None:
         meta = ArtifactsMetadata.read(out)
         log.info("artifacts in %s are up to date (%s %s); nothing rebuilt", out, meta.name, meta.version)
-        if options.triton_repo is not None and (why := _triton_staleness(out, options.triton_repo)) is not None:
+        repo = options.triton_repo
+        if repo is not None and (why := _triton_staleness(out, repo, options.triton_plan)) is not None:
             log.info("writing the Triton repository: %s", why)
-            _install_triton(out, meta, options.triton_repo)
+            _install_triton(out, meta, repo, options.triton_plan)
         return meta.to_dict()
     log.info("building artifacts in %s: %s", out, stale)
 
@@ -179,21 +201,32 @@ def export_artifacts(
         source = load_source(
             checkpoint, variant=options.variant, num_classes=options.num_classes, labels=options.labels
         )
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-staging-", dir=_existing_ancestor(out.parent)))
-    try:
-        meta = _build(source, options, staging, previous=out)
-        origin = {"path": str(checkpoint), "sha256": checkpoint_sha}
-        meta = dataclasses.replace(meta, version=checkpoint_sha[:12], checkpoint=origin, fingerprint=fingerprint)
-        _write_metadata(meta, staging)
-        _replace_dir(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    origin = {"path": str(checkpoint), "sha256": checkpoint_sha}
+    _build_in_place(source, options, out, checkpoint=origin, fingerprint=fingerprint)
     meta = ArtifactsMetadata.read(out)  # what a later up-to-date call reads back: lists, not tuples
     if options.triton_repo is not None:
-        _install_triton(out, meta, options.triton_repo)
+        _install_triton(out, meta, options.triton_repo, options.triton_plan)
     log.info("exported %s %s to %s in %.1f s", meta.name, meta.version, out, time.perf_counter() - started)
     return meta.to_dict()
+
+
+def _build_in_place(
+    source: Source, options: ExportOptions, out: Path, *, checkpoint: dict[str, str], fingerprint: str
+) -> None:
+    """`_build` in a staging folder inside `out`, then swapped in; on any failure `out` is left as it was."""
+    created = not out.exists()
+    staging = make_staging(out)
+    try:
+        meta = _build(source, options, staging, previous=out)
+        version = checkpoint["sha256"][:12]
+        meta = dataclasses.replace(meta, version=version, checkpoint=checkpoint, fingerprint=fingerprint)
+        _write_metadata(meta, staging)
+        swap_in(staging, out, retire=_previous_entries(out), last=METADATA)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 # ---------------------------------------------------------------- the build, step by step
@@ -207,7 +240,7 @@ def _build(source: Source, options: ExportOptions, staging: Path, previous: Path
     parity, images = _parity_step(model, staging, options.max_batch)
     _weights_step(model, staging)
     int8 = _int8_step(model, staging, images, files) if options.int8_cpu else None
-    tensorrt = _tensorrt_step(model, options, staging, previous, files)
+    tensorrt = _tensorrt_step(model, options, staging, previous, files, parity_images=(images, parity["inputs"]))
     return _metadata(source, options, staging, files, parity=parity, int8=int8, tensorrt=tensorrt)
 
 
@@ -263,9 +296,18 @@ def _int8_step(model: ViTAE, staging: Path, images: np.ndarray, files: dict[str,
 
 
 def _tensorrt_step(
-    model: ViTAE, options: ExportOptions, staging: Path, previous: Path, files: dict[str, str]
+    model: ViTAE,
+    options: ExportOptions,
+    staging: Path,
+    previous: Path,
+    files: dict[str, str],
+    parity_images: tuple[np.ndarray, str],
 ) -> dict[str, Any] | None:
-    """The TensorRT plan (adding it to `files`) when TensorRT and a GPU are here; None, with one log line, if not."""
+    """The TensorRT plan (adding it to `files`) when TensorRT and a GPU are here; None, with one log line, if not.
+
+    The plan is kept only when it agrees with fp32 on the parity images (`parity_images`: the batch and where
+    it came from); otherwise EngineParityError fails the export and nothing is written.
+    """
     reason = trt_step.unavailable_reason()
     if reason is not None:
         log.info(reason)
@@ -278,9 +320,14 @@ def _tensorrt_step(
             input_shape=(cfg.in_chans, cfg.img_size, cfg.img_size),
             max_batch=options.max_batch,
             precision=options.precision,
-            previous_cache=previous / trt_step.TIMING_CACHE,
+            previous_cache=previous / TIMING_CACHE,
         )
-    files["plan"], files["layers"] = trt_step.PLAN, trt_step.LAYERS
+    images, origin = parity_images
+    with step("TensorRT engine vs fp32 on the parity images"):
+        built["parity"] = trt_step.engine_parity(
+            staging / PLAN, staging / ONNX, images, precision=options.precision, origin=origin
+        )
+    files["plan"], files["layers"] = PLAN, LAYERS
     return built
 
 
@@ -335,11 +382,10 @@ def _readable_by_all(folder: Path) -> None:
         path.chmod(0o666 & ~umask)
 
 
-def _existing_ancestor(path: Path) -> Path:
-    path = path.resolve()
-    while not path.exists():
-        path = path.parent
-    return path
+def _previous_entries(out: Path) -> list[str]:
+    """What the export in `out` consists of, to be replaced: its files, its timing cache, its metadata."""
+    meta = ArtifactsMetadata.read_if_valid(out)
+    return [*(meta.files.values() if meta is not None else ()), TIMING_CACHE, METADATA]
 
 
 def _replace_dir(staging: Path, out: Path) -> None:
@@ -359,12 +405,12 @@ def _replace_dir(staging: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _install_triton(out: Path, meta: ArtifactsMetadata, repo: Path) -> None:
+def _install_triton(out: Path, meta: ArtifactsMetadata, repo: Path, plan: bool) -> None:
     with step(f"Triton repository in {repo}"):
         repo.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".vitae-staging-", dir=repo))
         try:
-            write_repository(out, meta, staging)
-            _replace_dir(staging / MODEL_NAME, repo / MODEL_NAME)
+            for model_dir in write_repository(out, meta, staging, plan=plan):
+                _replace_dir(model_dir, repo / model_dir.name)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

@@ -1,6 +1,7 @@
 """TensorRT engine: build (10.x weakly typed + precision constraints, 11.x strongly typed from an FP16 ONNX),
-inspect, run (`PlanRunner`, also the service's TensorRT backend), and decide whether a plan fits the current
-machine (`plan_fits`, behind `ArtifactsMetadata.plan_fits_here`; `gpu_identity` is the one GPU probe).
+inspect, run (`PlanRunner`, also the service's TensorRT backend; `run_plan` and `engine_parity` use it), and
+decide whether a plan fits the current machine (`plan_fits`, behind `ArtifactsMetadata.plan_fits_here`;
+`gpu_identity` is the one GPU probe, `builder_probe` the guarded proof that CUDA starts).
 
 Nothing here is imported eagerly: `tensorrt` is an optional dependency, and without it (or without a GPU)
 the export logs one line and moves on.
@@ -8,8 +9,10 @@ the export logs one line and moves on.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -18,14 +21,22 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .artifacts import INPUT_NAME, LAYERS, PLAN, TIMING_CACHE
-from .graph import PRMBlock
+from .artifacts import INPUT_NAME, LAYERS, LOGITS, OUTPUT_NAMES, PLAN, TIMING_CACHE, TOKENS
 
 log = logging.getLogger(__name__)
 
-# Kept in FP32 under FP16: normalisation and softmax (the usual overflow/accuracy spots), and the Performer's
-# positive random features (exp, its einsums and sums), which the release itself computes in float32.
-FP32_ONNX_OPS = ("LayerNormalization", "Softmax", "Exp", "Einsum", "ReduceSum")
+# Kept in FP32 under FP16: normalisation and softmax (the usual accuracy spots), and the Performer's kernel
+# arithmetic, which the release computes in float32. Its exported form keeps every value inside FP16's range
+# (export/performer.py), but its log-domain features (w.x - |x|^2/2, up to a few hundred) lose ~0.1 absolute in
+# FP16, i.e. ~10 % in the features after exp. The kernel is every op a reduction cell runs itself, outside its
+# submodules (PRM, PCM, norms, projections, MLP): node and layer names "/RC/<Op>", "/RC_1/<Op>_3", ...
+FP32_ONNX_OPS = ("LayerNormalization", "Softmax")
+PERFORMER_KERNEL = re.compile(r"^/RC(?:_\d+)?/[^/]+$")
+
+
+def fp32_node_names(model: onnx.ModelProto) -> list[str]:
+    """The nodes an FP16 build keeps in FP32: `FP32_ONNX_OPS` and the Performer kernel."""
+    return [n.name for n in model.graph.node if n.op_type in FP32_ONNX_OPS or PERFORMER_KERNEL.match(n.name)]
 
 
 def _import_tensorrt():
@@ -69,19 +80,45 @@ def tensorrt_version() -> str | None:
         return None
 
 
+@functools.cache
+def builder_probe() -> str | None:
+    """Create a TensorRT builder once, guarded: None when it works, else why not (one line, no traceback).
+
+    A GPU that `nvidia-smi` lists is not proof that CUDA starts in this process (driver too old for the CUDA
+    runtime, no device nodes in the container): `trt.Builder` then raises (TypeError, CUDA error 35) or
+    returns None. Cached: creating the builder initialises CUDA, which is worth doing once per process.
+    """
+    try:
+        trt = _import_tensorrt()
+        builder = trt.Builder(trt.Logger(trt.Logger.ERROR))
+        if builder is None:
+            return "TensorRT could not create a builder (no usable CUDA device)"
+        del builder
+    except Exception as exc:  # whatever the CUDA failure looks like, it means "no TensorRT here"
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return f"TensorRT cannot start CUDA here ({type(exc).__name__}: {first_line})"
+    return None
+
+
 def unavailable_reason() -> str | None:
-    """Why no engine can be built here (one line), or None when TensorRT and a GPU are both present."""
+    """Why no engine can be built here (one line), or None when TensorRT and a usable GPU are both present."""
     if tensorrt_version() is None:
         return "TensorRT step skipped: the tensorrt package is not installed (pip install '.[gpu]')"
     if gpu_identity() is None:
         return "TensorRT step skipped: no NVIDIA GPU is visible on this machine"
+    probe = builder_probe()
+    if probe is not None:
+        return f"TensorRT step skipped: {probe}"
     return None
 
 
 def this_machine() -> dict[str, str] | None:
-    """What a plan built here would be tied to: GPU name, compute capability, TensorRT version."""
+    """What a plan built here would be tied to: GPU name, compute capability, TensorRT version.
+
+    None where no plan can run (no TensorRT, no GPU, or a GPU that CUDA cannot start).
+    """
     gpu, version = gpu_identity(), tensorrt_version()
-    if gpu is None or version is None:
+    if gpu is None or version is None or builder_probe() is not None:
         return None
     return {**gpu, "version": version}
 
@@ -120,23 +157,30 @@ def fp16_onnx(onnx_path: Path, out_path: Path) -> Path:
     """An FP16 copy of the model for strongly typed builds: FP32 I/O, FP32 kept for `FP32_ONNX_OPS`."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = convert_float_to_float16(onnx.load(str(onnx_path)), keep_io_types=True, op_block_list=list(FP32_ONNX_OPS))
+    model = onnx.load(str(onnx_path))
+    model = convert_float_to_float16(
+        model, keep_io_types=True, op_block_list=list(FP32_ONNX_OPS), node_block_list=fp32_node_names(model)
+    )
     onnx.save(model, str(out_path))
     return out_path
 
 
 def _keep_fp32(trt, network) -> int:
     """Pin the layers that must stay FP32 under the FP16 builder flag (TensorRT 10.x); returns how many."""
-    kinds = {trt.LayerType.NORMALIZATION, trt.LayerType.SOFTMAX, trt.LayerType.EINSUM, trt.LayerType.REDUCE}
+    kinds = {trt.LayerType.NORMALIZATION, trt.LayerType.SOFTMAX}
     pinned = 0
     for i in range(network.num_layers):
         layer = network.get_layer(i)
-        is_exp = layer.type == trt.LayerType.UNARY and "Exp" in layer.name
-        if layer.type in kinds or is_exp:
-            layer.precision = trt.float32
-            for j in range(layer.num_outputs):
-                layer.set_output_type(j, trt.float32)
-            pinned += 1
+        if not (layer.type in kinds or PERFORMER_KERNEL.match(layer.name)):
+            continue
+        # Only floating outputs: the kernel's shape arithmetic and TopK's indices are integers and stay so.
+        floating = [j for j in range(layer.num_outputs) if layer.get_output(j).dtype in (trt.float32, trt.float16)]
+        if not floating:
+            continue
+        layer.precision = trt.float32
+        for j in floating:
+            layer.set_output_type(j, trt.float32)
+        pinned += 1
     return pinned
 
 
@@ -180,14 +224,11 @@ def build_engine(
     profile.set_shape(INPUT_NAME, (1, c, h, w), (opt, c, h, w), (max_batch, c, h, w))
     config.add_optimization_profile(profile)
 
-    cache_bytes = previous_cache.read_bytes() if previous_cache and previous_cache.is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
-
+    cache = attach_timing_cache(config, previous_cache)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise RuntimeError("TensorRT failed to build the engine (see the TensorRT log above)")
-    _write_engine(trt, logger, plan, config, out_dir)
+    _write_engine(trt, logger, plan, config, cache, out_dir)
 
     machine = this_machine() or {}
     return {
@@ -200,41 +241,53 @@ def build_engine(
     }
 
 
-def _write_engine(trt, logger, plan, config, out_dir: Path) -> None:
+def _write_engine(trt, logger, plan, config, cache, out_dir: Path) -> None:
     """model.plan, the timing cache for the next build, and layers.json (the engine inspector's layer list)."""
     (out_dir / PLAN).write_bytes(bytes(plan))
-    (out_dir / TIMING_CACHE).write_bytes(bytes(config.get_timing_cache().serialize()))
+    save_timing_cache(config, cache, out_dir / TIMING_CACHE)
     engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
     inspector = engine.create_engine_inspector()
     layers = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
     (out_dir / LAYERS).write_text(json.dumps(layers, indent=1) + "\n")
 
 
-def layer_names(layers: dict[str, Any]) -> list[tuple[str, str]]:
-    """(name, type) of every engine layer in an inspector JSON (DETAILED gives dicts, otherwise names)."""
-    out = []
-    for layer in layers.get("Layers", []):
-        if isinstance(layer, dict):
-            out.append((str(layer.get("Name", "")), str(layer.get("LayerType", ""))))
-        else:
-            out.append((str(layer), ""))
-    return out
+def attach_timing_cache(config, previous: Path | None):
+    """Give the builder config a timing cache: `previous` when it was made by this GPU and TensorRT, else a new one.
+
+    A cache from another GPU or TensorRT version is refused by `set_timing_cache(..., ignore_mismatch=False)`
+    (it returns False); it is then discarded and replaced by an empty cache, which this build fills and
+    `save_timing_cache` writes over the stale file, so the next start reuses it instead of failing again.
+    """
+    data = previous.read_bytes() if previous is not None and previous.is_file() else b""
+    if data:
+        try:
+            cache = config.create_timing_cache(data)
+        except Exception as exc:  # unreadable bytes: TensorRT raises or returns None, depending on the version
+            log.info("timing cache %s is unreadable (%s); starting a new one", previous, exc)
+            cache = None
+        if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+            log.info("reusing the timing cache %s (%d bytes)", previous, len(data))
+            return cache
+        log.info("timing cache %s was made by another GPU or TensorRT version; discarded, starting a new one", previous)
+    cache = config.create_timing_cache(b"")
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise RuntimeError("TensorRT refused a new, empty timing cache")
+    return cache
 
 
-def prm_fusion_problems(layers: dict[str, Any], blocks: list[PRMBlock]) -> list[str]:
-    """What keeps the engine from the fused PRM: a conv not sharing a layer with its Gelu, a standalone Concat."""
-    named = layer_names(layers)
-    problems = []
-    for block in blocks:
-        for conv, gelu in zip(block.convs, block.gelus, strict=True):
-            if not any(conv in name and gelu in name for name, _ in named):
-                problems.append(f"conv {conv} is not fused with {gelu}")
-        standalone = [
-            name for name, kind in named if name == block.concat or (block.concat in name and "Concat" in kind)
-        ]
-        if standalone:
-            problems.append(f"PRM concat {block.concat} survives as layer(s) {standalone}")
-    return problems
+def save_timing_cache(config, attached, path: Path) -> bool:
+    """Write the timing cache after a build; False (logged, no file) when TensorRT has none to give."""
+    cache = config.get_timing_cache() or attached
+    try:
+        data = bytes(cache.serialize()) if cache is not None else b""
+    except Exception as exc:
+        log.info("the timing cache could not be serialized (%s); the next build starts without one", exc)
+        data = b""
+    if not data:
+        path.unlink(missing_ok=True)
+        return False
+    path.write_bytes(data)
+    return True
 
 
 def _torch_dtype(torch, trt, dtype):
@@ -248,8 +301,8 @@ class PlanRunner:
     """A deserialized plan on one CUDA device, run by tensor name (TensorRT 10.x/11.x I/O API).
 
     float32 images (B, C, S, S) in numpy -> {output name: float32 numpy}, e.g. logits (B, K) and tokens
-    (B, N, D). CUDA memory comes from PyTorch; the input is cast to the dtype the engine declares. Not
-    thread-safe: one caller (the service's worker thread) at a time.
+    (B, N, D); B at most `max_batch` (the profile's largest). CUDA memory comes from PyTorch; the input is cast to
+    the dtype the engine declares. Not thread-safe: one caller (the service's worker thread) at a time.
     """
 
     def __init__(self, plan: bytes, device: str | None = None) -> None:
@@ -268,6 +321,7 @@ class PlanRunner:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.dtypes = {name: _torch_dtype(torch, trt, self.engine.get_tensor_dtype(name)) for name in names}
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.max_batch = int(self.engine.get_tensor_profile_shape(INPUT_NAME, 0)[2][0])  # profile 0's max
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         torch = self._torch
@@ -294,5 +348,79 @@ class PlanRunner:
 
 
 def run_plan(plan: Path, images: np.ndarray) -> dict[str, np.ndarray]:
-    """Run a plan file once on a float32 numpy batch on the current CUDA device; {output name: numpy array}."""
-    return PlanRunner(plan.read_bytes())(images)
+    """Run a plan file on a float32 numpy batch of any size (chunks of the profile's max) on the current CUDA
+    device; {output name: float32 numpy array}, the chunks joined in order."""
+    runner = PlanRunner(plan.read_bytes())
+    try:
+        chunks = [runner(images[i : i + runner.max_batch]) for i in range(0, len(images), runner.max_batch)]
+    finally:
+        runner.close()
+    return {name: np.concatenate([chunk[name] for chunk in chunks]) for name in runner.outputs}
+
+
+# The engine must reproduce the fp32 model: max |logits - fp32 logits| <= tolerance x max(1, max |fp32 logits|).
+# FP16 keeps 11 significant bits (relative step 4.9e-4); over a dozen cells the rounding adds up to ~1e-3 of
+# the logit scale, so 2e-2 is loose enough for any sound FP16 engine and far below what an overflow or a wrong
+# layer does. FP32 engines may use TF32 tensor cores (10 bits), hence 5e-3 rather than the ONNX parity's 1e-4.
+ENGINE_TOLERANCE = {"fp16": 2e-2, "fp32": 5e-3}
+
+
+class EngineParityError(RuntimeError):
+    """The built engine does not compute what the fp32 model computes; the plan is refused."""
+
+
+def compare_to_fp32(
+    got: dict[str, np.ndarray], expected: dict[str, np.ndarray], precision: str
+) -> tuple[dict[str, Any], list[str]]:
+    """The agreement figures of reduced-precision outputs with fp32 ones, and what fails the engine rule."""
+    finite = bool(all(np.isfinite(got[name]).all() for name in expected))
+    agree = int((got[LOGITS].argmax(axis=1) == expected[LOGITS].argmax(axis=1)).sum())
+    count = len(expected[LOGITS])
+    scale = max(1.0, float(np.abs(expected[LOGITS]).max()))
+    with np.errstate(invalid="ignore"):
+        diff = {name: float(np.abs(got[name] - expected[name]).max()) for name in expected}
+    tolerance = ENGINE_TOLERANCE[precision]
+    figures = {
+        "images": count,
+        "finite": finite,
+        "top1_agree": agree,
+        "max_abs_diff": diff,
+        "logit_scale": scale,
+        "tolerance": tolerance,
+        "tolerance_rule": "max |logits - fp32| <= tolerance * max(1, max |fp32 logits|)",
+    }
+    problems = []
+    if not finite:
+        problems.append("non-finite outputs (inf/NaN)")
+    if agree != count:
+        problems.append(f"top-1 agrees with fp32 on {agree}/{count} images only")
+    if not diff[LOGITS] <= tolerance * scale:  # also catches NaN
+        problems.append(f"max |logits - fp32| {diff['logits']:.3g} > {tolerance:g} x logit scale {scale:.3g}")
+    return figures, problems
+
+
+def engine_parity(plan: Path, onnx_path: Path, images: np.ndarray, *, precision: str, origin: str) -> dict[str, Any]:
+    """Run the plan and fp32 ONNX Runtime (CPU) on the same real images; the figures, or EngineParityError.
+
+    Refused unless every output is finite, top-1 agrees with fp32 on every image, and the max logit difference
+    is within `ENGINE_TOLERANCE[precision]` of the logit scale.
+    """
+    from .parity import cpu_session
+
+    images = np.ascontiguousarray(images, np.float32)
+    names = list(OUTPUT_NAMES)
+    expected = dict(zip(names, cpu_session(onnx_path).run(names, {INPUT_NAME: images}), strict=True))
+    figures, problems = compare_to_fp32(run_plan(plan, images), expected, precision)
+    if problems:
+        raise EngineParityError(f"the {precision} TensorRT engine is refused on {origin}: " + "; ".join(problems))
+    log.info(
+        "TensorRT %s vs fp32 on %s: top-1 %d/%d, max |logits diff| %.3g (scale %.3g), max |tokens diff| %.3g",
+        precision,
+        origin,
+        figures["top1_agree"],
+        figures["images"],
+        figures["max_abs_diff"][LOGITS],
+        figures["logit_scale"],
+        figures["max_abs_diff"][TOKENS],
+    )
+    return {"inputs": origin, **figures}

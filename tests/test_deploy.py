@@ -615,6 +615,8 @@ def test_images_install_every_package_the_code_imports():
         distributions = {requirements.requirement_name(d) for d in modules_to_distributions.get(module, [module])}
         if "onnxruntime" in distributions:  # the GPU image's onnxruntime-gpu provides the same module
             distributions.add("onnxruntime-gpu")
+        if "tensorrt" in distributions:  # tensorrt-cuNN (the CUDA-major-named package) provides `tensorrt`
+            distributions.update(r for r in installs["gpu"] if re.fullmatch(r"tensorrt-cu\d+", r))
         in_images = [image for image, installed in installs.items() if distributions & installed]
         assert in_images, f"{path} imports {module}, which neither image installs"
         if at_load:  # a top-level import must work in both images, e.g. no top-level `import tensorrt`
@@ -632,7 +634,7 @@ def test_gpu_requirements_replace_onnxruntime_with_its_gpu_build():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     names = [requirements.requirement_name(r) for r in requirements.requirements(pyproject, ["gpu"])]
     assert "onnxruntime" not in names
-    assert {"onnxruntime-gpu", "tensorrt", "torch", "fastapi"} <= set(names)
+    assert {"onnxruntime-gpu", "tensorrt-cu13", "torch", "fastapi"} <= set(names)
 
 
 class ReadyzServer:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ..artifacts import ServedModel
 from .base import Backend, BackendUnavailable, cuda_device_count, gpu_index, wants_gpu
-from .onnxruntime_backend import OnnxRuntimeBackend
+from .onnxruntime_backend import OnnxRuntimeBackend, session_device
 from .tensorrt_backend import TensorRTBackend
 from .torch_backend import TorchBackend
 
@@ -29,6 +29,7 @@ __all__ = [
     "cuda_device_count",
     "gpu_index",
     "select_backend",
+    "session_device",
     "wants_gpu",
 ]
 
@@ -69,7 +70,10 @@ def select_backend(
     """
     if requested != "auto":
         backend = create_backend(requested, served, device, threads, int8)
-        return Selection(backend, f"VITAE_BACKEND={requested}")
+        reason = f"VITAE_BACKEND={requested}"
+        if wants_gpu(device) and not backend.device.startswith("cuda"):
+            reason += f"; VITAE_DEVICE={device} was asked for, but it runs on {backend.device} (CUDA did not load)"
+        return Selection(backend, reason)
     gpu = wants_gpu(device)
     gpus = cuda_device_count()
     if gpu is None:
@@ -85,6 +89,10 @@ def select_backend(
             backend = create_backend(name, served, dev, threads, int8)
         except BackendUnavailable as exc:
             skipped.append(f"{name}: {exc}")
+            continue
+        if gpu and not backend.device.startswith("cuda"):
+            skipped.append(f"{name}: asked for {dev} but runs on {backend.device}")
+            backend.close()
             continue
         where = f"{gpus} GPU(s) visible" if gpu else f"CPU only ({os.cpu_count()} cores, no GPU requested or visible)"
         reason = f"auto: {name} on {backend.device} is the fastest available ({where})"

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from export.artifacts import INPUT_NAME, OUTPUT_NAMES
 
 from ..artifacts import ServedModel
 from .base import BackendUnavailable, gpu_index
+
+log = logging.getLogger(__name__)
 
 
 class OnnxRuntimeBackend:
@@ -39,7 +43,7 @@ class OnnxRuntimeBackend:
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": gpu_index(device)}))
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.path = path
-        self.device = f"cuda:{gpu_index(device)}" if gpu else "cpu"
+        self.device = session_device(self.session, f"cuda:{gpu_index(device)}" if gpu else "cpu")
         self._outputs = [o.name for o in self.session.get_outputs()]
         if not set(OUTPUT_NAMES) <= set(self._outputs):
             raise BackendUnavailable(f"{path.name} lacks the outputs {', '.join(OUTPUT_NAMES)} (has {self._outputs})")
@@ -51,3 +55,19 @@ class OnnxRuntimeBackend:
 
     def close(self) -> None:
         self.session = None
+
+
+def session_device(session, requested: str) -> str:
+    """The device an ONNX Runtime session really runs on, from `get_providers()` (not from what was asked).
+
+    ORT falls back to CPU with only a warning when the CUDA provider fails to load (CUDA or cuDNN libraries
+    missing or of another major version); the backend then reports "cpu" and says why in one log line.
+    """
+    active = session.get_providers()
+    if requested.startswith("cuda") and "CUDAExecutionProvider" not in active:
+        log.warning(
+            "ONNX Runtime's CUDA execution provider did not load (session providers: %s); running on cpu",
+            ", ".join(active),
+        )
+        return "cpu"
+    return requested

@@ -38,8 +38,8 @@ class TensorRTBackend:
         self.device = f"cuda:{gpu_index(device)}"
         try:
             self.runner = PlanRunner(plan.read_bytes(), self.device)
-        except RuntimeError as exc:
-            raise BackendUnavailable(f"{exc} ({plan})") from exc
+        except Exception as exc:  # CUDA that cannot start raises here (e.g. TypeError, CUDA error 35)
+            raise BackendUnavailable(f"TensorRT cannot start: {type(exc).__name__}: {exc} ({plan})") from exc
         missing = {INPUT_NAME, *OUTPUT_NAMES} - set(self.runner.dtypes)
         if missing:
             raise BackendUnavailable(f"model.plan lacks the tensors {sorted(missing)}")
