@@ -15,7 +15,9 @@ import copy
 import functools
 import gzip
 import json
+import logging
 import re
+import runpy
 import shutil
 import signal
 import subprocess
@@ -394,6 +396,9 @@ def test_ports_are_the_settings_port_the_images_expose() -> None:
     for folder in RENDERABLE:
         objects = rendered(folder)
         deployments = [o for o in objects if o["kind"] == "Deployment"]
+        for deployment in deployments:  # where Prometheus scrapes /metrics
+            annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+            assert annotations["prometheus.io/port"] == str(port), folder_id(folder)
         for service in (o for o in objects if o["kind"] == "Service"):
             (deployment,) = deployments
             pod = deployment["spec"]["template"]
@@ -514,18 +519,22 @@ def test_startup_probes_allow_an_export_and_an_engine_build() -> None:
     assert windows["examples/own-checkpoint"] < windows["overlays/cpu"]
 
 
-def graceful_shutdown_s(settings: Settings) -> float:
-    """How long `python -m service` waits for open requests after SIGTERM, read from the server it builds."""
+def graceful_shutdown_s(folder: Path, container: dict, monkeypatch: pytest.MonkeyPatch) -> float:
+    """How long `python -m service` in this container waits for open requests after SIGTERM.
+
+    Read from the uvicorn server that the real entry point builds with the container's environment; only
+    running it (and the logging setup that would replace pytest's handlers) is stubbed out.
+    """
     import uvicorn
 
-    from service.__main__ import serve
-
+    container_settings(folder, container, monkeypatch)  # the container's VITAE_* in the environment
     built: list[uvicorn.Config] = []
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(uvicorn.Server, "run", lambda server, *args, **kwargs: built.append(server.config))
+        patch.setattr(logging, "basicConfig", lambda *args, **kwargs: None)
         try:
-            serve(settings)
+            runpy.run_module("service", run_name="__main__")
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
@@ -539,10 +548,12 @@ def test_termination_grace_covers_the_prestop_wait_and_the_drain(monkeypatch: py
         command = container["lifecycle"]["preStop"]["exec"]["command"]
         assert command[0] == "sleep"
         pre_stop_s = float(command[1])
-        drain_grace_s = getattr(settings, "drain_grace_s", None)
-        if drain_grace_s is not None:  # the service's own pre-stop grace: the sleep is that long
+        # The service's own pre-stop grace (VITAE_DRAIN_GRACE_S, where the settings have it): after SIGTERM
+        # it keeps accepting for that long with /readyz 503. The preStop sleep is as long.
+        drain_grace_s = getattr(settings, "drain_grace_s", 0.0)
+        if "drain_grace_s" in Settings.model_fields:
             assert pre_stop_s == drain_grace_s, f"{folder_id(folder)}: preStop sleep != VITAE_DRAIN_GRACE_S"
-        needed = pre_stop_s + graceful_shutdown_s(settings)
+        needed = pre_stop_s + drain_grace_s + graceful_shutdown_s(folder, container, monkeypatch)
         assert spec["terminationGracePeriodSeconds"] >= needed, f"{folder_id(folder)}: {needed} s needed"
 
 
@@ -615,6 +626,8 @@ def test_the_queue_depth_autoscaler_reads_the_services_metric() -> None:
     (metric,) = hpa["spec"]["metrics"]
     assert metric["pods"]["metric"]["name"] == rule["name"]["as"]
     target = float(metric["pods"]["target"]["averageValue"])
-    assert 0 < target < Settings.model_fields["queue_capacity"].default
+    config = config_maps(overlay("cpu"))["vitae-config"]
+    assert target == float(config["VITAE_MAX_BATCH_SIZE"]), "one full batch waiting per pod"
+    assert target < float(config["VITAE_QUEUE_CAPACITY"]), "scale out well before requests get 503"
     base_hpa = next(o for o in rendered(overlay("cpu")) if o["kind"] == "HorizontalPodAutoscaler")
     assert hpa["metadata"]["name"] == base_hpa["metadata"]["name"], "a drop-in replacement for hpa.yaml"
