@@ -546,12 +546,10 @@ def test_termination_grace_covers_the_prestop_wait_and_the_drain(monkeypatch: py
         command = container["lifecycle"]["preStop"]["exec"]["command"]
         assert command[0] == "sleep"
         pre_stop_s = float(command[1])
-        # The service's own pre-stop grace (VITAE_DRAIN_GRACE_S, where the settings have it): after SIGTERM
-        # it keeps accepting for that long with /readyz 503. The preStop sleep is as long.
-        drain_grace_s = getattr(settings, "drain_grace_s", 0.0)
-        if "drain_grace_s" in Settings.model_fields:
-            assert pre_stop_s == drain_grace_s, f"{folder_id(folder)}: preStop sleep != VITAE_DRAIN_GRACE_S"
-        needed = pre_stop_s + drain_grace_s + graceful_shutdown_s(folder, container, monkeypatch)
+        # After SIGTERM the service keeps accepting for VITAE_DRAIN_GRACE_S with /readyz 503; the preStop
+        # sleep before it is as long.
+        assert pre_stop_s == settings.drain_grace_s, f"{folder_id(folder)}: preStop sleep != VITAE_DRAIN_GRACE_S"
+        needed = pre_stop_s + settings.drain_grace_s + graceful_shutdown_s(folder, container, monkeypatch)
         assert spec["terminationGracePeriodSeconds"] >= needed, f"{folder_id(folder)}: {needed} s needed"
 
 
