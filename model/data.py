@@ -222,24 +222,54 @@ def build_datasets(
     train_subset: int | None = None,
     val_subset: int | None = None,
     train: bool = True,
+    holdout: int = 0,
 ) -> tuple[Dataset | None, Dataset, list[str]]:
-    """(train, val, class names) for `fashion-mnist` or an ImageFolder root with train/ and val/."""
+    """(train, val, class names) for `fashion-mnist` or an ImageFolder root with train/ and val/.
+
+    With `holdout` N > 0 the validation set is N images of the training split, never augmented and
+    never trained on (Fashion-MNIST: the last N; ImageFolder: a fixed random draw), and the test/val
+    split is not loaded: choices made during training leave the test set for one final measurement.
+    """
+    if holdout < 0:
+        raise ValueError(f"holdout must be 0 (use the test/val split) or a positive image count, got {holdout}")
     if data == "fashion-mnist":
         root = Path(data_dir) if data_dir else fashion_mnist_dir()
         train_ds = None
-        if train:
+        if train or holdout:
             images, labels = load_fashion_mnist(root, "train")
-            train_ds = ArrayImageDataset(images[:train_subset], labels[:train_subset], prep, train=True, seed=seed)
-        images, labels = load_fashion_mnist(root, "test")
-        val_ds = ArrayImageDataset(images[:val_subset], labels[:val_subset], prep, train=False)
+            kept = len(images) - holdout
+            if kept <= 0:
+                raise ValueError(f"holdout {holdout} leaves no training images (the train split has {len(images)})")
+            if train:
+                train_ds = ArrayImageDataset(
+                    images[:kept][:train_subset], labels[:kept][:train_subset], prep, train=True, seed=seed
+                )
+        if holdout:
+            val_images, val_labels = images[kept:], labels[kept:]
+        else:
+            val_images, val_labels = load_fashion_mnist(root, "test")
+        val_ds = ArrayImageDataset(val_images[:val_subset], val_labels[:val_subset], prep, train=False)
         return train_ds, val_ds, list(FASHION_MNIST_CLASSES)
     root = Path(data_dir or data)
+    train_root = root / "train"
     val_root = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
-    if val_root is None:
-        raise FileNotFoundError(f"{root} needs a val/ (or test/) folder of class folders")
-    train_ds = ImageFolderDataset(root / "train", prep, train=True, seed=seed) if train else None
-    classes = train_ds.classes if train_ds is not None else None
-    val_ds = ImageFolderDataset(val_root, prep, train=False, class_names=classes)
+    if holdout:
+        # Files are sorted by class, so the held-out images are a fixed random draw (balanced in expectation).
+        val_ds = ImageFolderDataset(train_root, prep, train=False)
+        if holdout >= len(val_ds.samples):
+            raise ValueError(f"holdout {holdout} leaves no training images ({train_root} has {len(val_ds.samples)})")
+        held = set(np.random.default_rng(0).permutation(len(val_ds.samples))[:holdout].tolist())
+        train_ds = None
+        if train:
+            train_ds = ImageFolderDataset(train_root, prep, train=True, seed=seed, class_names=val_ds.classes)
+            train_ds.samples = [s for i, s in enumerate(train_ds.samples) if i not in held]
+        val_ds.samples = [s for i, s in enumerate(val_ds.samples) if i in held]
+    else:
+        if val_root is None:
+            raise FileNotFoundError(f"{root} needs a val/ (or test/) folder of class folders")
+        train_ds = ImageFolderDataset(train_root, prep, train=True, seed=seed) if train else None
+        classes = train_ds.classes if train_ds is not None else None
+        val_ds = ImageFolderDataset(val_root, prep, train=False, class_names=classes)
     for ds, n in ((train_ds, train_subset), (val_ds, val_subset)):
         if ds is not None and n:
             ds.samples = ds.samples[:n]

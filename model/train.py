@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
@@ -48,16 +49,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None, help="where the Fashion-MNIST IDX files are (default: Debian's)")
     p.add_argument("--train-subset", type=int, default=None, help="use only the first N training images")
     p.add_argument("--val-subset", type=int, default=None, help="use only the first N validation images")
+    p.add_argument(
+        "--holdout",
+        type=int,
+        default=0,
+        help="validate on the last N training images instead of the test/val split (which is then left untouched)",
+    )
     p.add_argument("--out", required=True, help="folder for checkpoints and the JSON-lines log")
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--batch-size", type=int, default=128, help="per process")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate for the whole (global) batch")
     p.add_argument("--min-lr", type=float, default=1e-5)
     p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument(
+        "--cooldown-epochs",
+        type=float,
+        default=0.0,
+        help="0: cosine decay over the whole run after warmup; N > 0: constant peak rate, then cosine decay "
+        "over the last N epochs (the rate before the cooldown does not depend on --epochs)",
+    )
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--drop-path", type=float, default=0.1)
     p.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0 disables)")
+    p.add_argument(
+        "--ema-decay",
+        type=float,
+        default=0.0,
+        help="keep an exponential moving average of the weights with this decay per step (0 disables); "
+        "best.* holds whichever of the model and its average validates better",
+    )
     p.add_argument(
         "--amp",
         choices=["auto", "bf16", "fp16", "none"],
@@ -127,13 +148,21 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float):
-    """Linear warmup to 1, then cosine down to `min_ratio`, as a multiplier per optimizer step."""
+def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float, cooldown_steps: int = 0):
+    """Learning-rate multiplier per optimizer step: linear warmup to 1, then cosine down to `min_ratio`.
+
+    The cosine spans everything after warmup, or with `cooldown_steps` only the last steps, the rate
+    staying at its peak until then (warmup-stable-decay): a run's length can then be fixed late, as
+    the rate up to the cooldown is the same for any total.
+    """
+    decay_start = total_steps - cooldown_steps if cooldown_steps else warmup_steps
 
     def f(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if step < decay_start:
+            return 1.0
+        progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return f
@@ -186,6 +215,15 @@ def average_buffers(model: torch.nn.Module, world: int) -> None:
             buffer /= world
 
 
+def build_ema(model: torch.nn.Module, decay: float) -> AveragedModel | None:
+    """An exponential moving average of the weights and BatchNorm statistics, or None when decay is 0."""
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"--ema-decay must be in [0, 1) (0 disables the average), got {decay}")
+    if decay == 0.0:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def autocast_for(device: torch.device, amp: str):
     if device.type != "cuda" or amp == "none":
         return nullcontext(), None
@@ -218,6 +256,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
         train_subset=args.train_subset,
         val_subset=args.val_subset,
+        holdout=args.holdout,
     )
     overrides["num_classes"] = len(class_names)
     model = ViTAE(base.replace(**overrides))
@@ -229,6 +268,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         if world > 1
         else model
     )
+    # Built after --init and .to(device): the average starts from the weights training starts from.
+    ema = build_ema(model, args.ema_decay)
     if world > 1:
         # Same initial weights everywhere (seeded above, broadcast by DDP); different drop-path masks per rank.
         torch.manual_seed(args.seed + rank)
@@ -246,10 +287,20 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_ds)} training images are fewer than one batch of {args.batch_size * world}")
+    if not 0 <= args.cooldown_epochs <= args.epochs - args.warmup_epochs:
+        raise ValueError(
+            f"--cooldown-epochs must be between 0 and --epochs minus --warmup-epochs "
+            f"({args.epochs - args.warmup_epochs:g}), got {args.cooldown_epochs:g}"
+        )
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lr_lambda(round(args.warmup_epochs * steps_per_epoch), args.epochs * steps_per_epoch, args.min_lr / args.lr),
+        lr_lambda(
+            round(args.warmup_epochs * steps_per_epoch),
+            args.epochs * steps_per_epoch,
+            args.min_lr / args.lr,
+            round(args.cooldown_epochs * steps_per_epoch),
+        ),
     )
     autocast, scaler = autocast_for(device, args.amp)
 
@@ -264,6 +315,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            if state.get("ema") is None:
+                raise ValueError(f"--resume: {state_path} holds no weight average; it was written without --ema-decay")
+            ema.load_state_dict(state["ema"])
         start_epoch, best = state["epoch"], state["best"]
         set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
         log.info("resumed from %s at epoch %d", state_path, start_epoch)
@@ -306,6 +361,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             else:
                 optimizer.step()
             scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
             seen += len(y)
             loss_sum += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
@@ -316,9 +373,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             )
         train_time = time.time() - t0
         average_buffers(model, world)
-        metrics = None
+        metrics, ema_metrics = None, None
         if main:
             metrics = evaluate(model, val_ds, class_names, device=device, batch_size=256, progress=not args.no_progress)
+            if ema is not None:
+                ema_metrics = evaluate(
+                    ema.module, val_ds, class_names, device=device, batch_size=256, progress=not args.no_progress
+                )
         if world > 1:
             dist.barrier()
         synced = ranks_in_sync(model, world)
@@ -336,22 +397,37 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 "world_size": world,
                 "ranks_in_sync": synced,
             }
+            if ema_metrics is not None:
+                record.update(
+                    ema_val_top1=ema_metrics["top1"], ema_val_top5=ema_metrics["top5"], ema_val_loss=ema_metrics["loss"]
+                )
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             log.info("epoch %d: %s", epoch + 1, json.dumps(record))
-            ckpt_metrics = {"top1": metrics["top1"], "top5": metrics["top5"], "val_loss": metrics["loss"]}
-            meta = checkpoint_metadata(
-                model,
-                variant=args.variant,
-                class_names=class_names,
-                train_args=train_args,
-                epoch=epoch + 1,
-                metrics=ckpt_metrics,
-            )
-            save_checkpoint(model, out / "last", meta)
-            if metrics["top1"] > best["top1"]:
-                best = {"top1": metrics["top1"], "epoch": epoch + 1}
-                save_checkpoint(model, out / "best", meta)
+            # The plain model and (with --ema-decay) its average compete for best.* on the validation split.
+            candidates = [("model", model, metrics)]
+            if ema is not None:
+                candidates.append(("ema", ema.module, ema_metrics))
+            for weights, module, m in candidates:
+                meta = checkpoint_metadata(
+                    module,
+                    variant=args.variant,
+                    class_names=class_names,
+                    train_args=train_args,
+                    epoch=epoch + 1,
+                    metrics={
+                        "top1": m["top1"],
+                        "top5": m["top5"],
+                        "val_loss": m["loss"],
+                        "val_images": m["n"],
+                        "holdout": args.holdout,
+                        "weights": weights,
+                    },
+                )
+                save_checkpoint(module, out / ("last" if weights == "model" else "last_ema"), meta)
+                if m["top1"] > best["top1"]:
+                    best = {"top1": m["top1"], "epoch": epoch + 1, "weights": weights}
+                    save_checkpoint(module, out / "best", meta)
         rngs: list[Any] = [None] * world
         if world > 1:
             dist.all_gather_object(rngs, rng_state())
@@ -364,6 +440,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler else None,
+                    "ema": ema.state_dict() if ema is not None else None,
                     "epoch": epoch + 1,
                     "best": best,
                     "rng": rngs,
@@ -377,13 +454,15 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "epochs_run": stop - start_epoch,
         "best_top1": best.get("top1"),
         "best_epoch": best.get("epoch"),
+        "best_weights": best.get("weights"),
         "last": record,
         "wall_time_s": round(time.time() - t_run, 1),
         "out": str(out),
     }
     if main:
         print(
-            f"done: {stop} epochs, best top-1 {best.get('top1', 0):.4f} at epoch {best.get('epoch')}, "
+            f"done: {stop} epochs, best top-1 {best.get('top1', 0):.4f} at epoch {best.get('epoch')} "
+            f"({best.get('weights')} weights), "
             f"{summary['wall_time_s']:.0f} s, checkpoints in {out}",
             flush=True,
         )

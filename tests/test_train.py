@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -11,13 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import load_file
 from support.checkpoints import DEMO_CHECKPOINT, ROOT
 
 from model import get_variant
-from model.data import ImageFolderDataset, fashion_mnist_dir, read_idx
+from model.checkpoint import load_checkpoint
+from model.data import ArrayImageDataset, ImageFolderDataset, build_datasets, fashion_mnist_dir, read_idx
 from model.preprocess import preprocess
+from model.train import lr_lambda
 
 TINY = json.dumps(
     {
@@ -95,15 +99,87 @@ def test_short_run_on_a_subset_learns(tmp_path):
 @needs_fmnist
 def test_resume_after_a_stop_reproduces_the_uninterrupted_run(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    common = ("--epochs", "2", "--train-subset", "500", "--drop-path", "0.1")
+    common = ("--epochs", "2", "--train-subset", "500", "--drop-path", "0.1", "--ema-decay", "0.9")
     run(train_args(straight, *common))
     run(train_args(resumed, *common, "--stop-after", "1"))
     assert len(log_records(resumed)) == 1
     run(train_args(resumed, *common, "--resume"))
-    a, b = load_file(str(straight / "last.safetensors")), load_file(str(resumed / "last.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        assert np.array_equal(a[key].numpy(), b[key].numpy()), key
+    for name in ("last", "last_ema"):
+        a, b = load_file(str(straight / f"{name}.safetensors")), load_file(str(resumed / f"{name}.safetensors"))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert np.array_equal(a[key].numpy(), b[key].numpy()), (name, key)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+def write_small_fashion_mnist(root: Path, n_train: int = 400, n_test: int = 100) -> None:
+    """IDX files shaped like Fashion-MNIST: each class a bright square at its own place, on noise."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = np.arange(n) % 10
+        images = rng.integers(0, 60, (n, 28, 28))
+        for image, label in zip(images, labels, strict=True):
+            row, col = divmod(int(label), 4)
+            image[2 + 8 * row : 8 + 8 * row, 2 + 6 * col : 8 + 6 * col] = 230
+        write_idx(root / f"{split}-images-idx3-ubyte.gz", images)
+        write_idx(root / f"{split}-labels-idx1-ubyte.gz", labels)
+
+
+def test_augmentation_is_fixed_by_seed_epoch_and_index_and_keeps_the_shape():
+    prep = get_variant("vitae_fmnist").preprocessing
+    images = np.random.default_rng(0).integers(0, 256, (4, 28, 28), dtype=np.uint8)
+    labels = np.arange(4)
+    ds = ArrayImageDataset(images, labels, prep, train=True, seed=3)
+    again = ArrayImageDataset(images, labels, prep, train=True, seed=3)
+    ds.set_epoch(5)
+    again.set_epoch(5)
+    first = ds[1][0]
+    assert first.shape == (1, 32, 32) and first.dtype == torch.float32
+    assert torch.equal(first, ds[1][0]) and torch.equal(first, again[1][0])
+    others = []
+    for epoch in (6, 7, 8):
+        ds.set_epoch(epoch)
+        others.append(ds[1][0])
+    assert not all(torch.equal(first, other) for other in others)
+    ds.set_epoch(5)
+    assert not torch.equal(ds[1][0], ds[2][0])
+    plain = ArrayImageDataset(images, labels, prep, train=False)
+    assert torch.equal(plain[1][0], torch.from_numpy(preprocess(Image.fromarray(images[1]), prep)))
+
+
+def test_holdout_validates_on_the_end_of_the_training_split(tmp_path):
+    write_small_fashion_mnist(tmp_path, n_train=400, n_test=100)
+    prep = get_variant("vitae_fmnist").preprocessing
+    train_ds, val_ds, _ = build_datasets("fashion-mnist", prep, data_dir=str(tmp_path), holdout=150)
+    assert len(train_ds) == 250 and len(val_ds) == 150
+    train_images = read_idx(tmp_path / "train-images-idx3-ubyte.gz")
+    assert torch.equal(val_ds[0][0], torch.from_numpy(preprocess(Image.fromarray(train_images[250]), prep)))
+    _, test_ds, _ = build_datasets("fashion-mnist", prep, data_dir=str(tmp_path), train=False)
+    assert len(test_ds) == 100
+    with pytest.raises(ValueError, match="holdout 400 leaves no training images"):
+        build_datasets("fashion-mnist", prep, data_dir=str(tmp_path), holdout=400)
+
+
+def test_ema_run_ships_the_better_of_model_and_average_as_a_plain_checkpoint(tmp_path):
+    write_small_fashion_mnist(tmp_path / "data")
+    out = tmp_path / "run"
+    run(train_args(out, "--data-dir", str(tmp_path / "data"), "--epochs", "2", "--holdout", "100",
+                   "--ema-decay", "0.9"))  # fmt: skip
+    records = log_records(out)
+    assert len(records) == 2 and {"val_top1", "ema_val_top1"} <= set(records[-1])
+    meta = json.loads((out / "best.json").read_text())
+    assert meta["metrics"]["holdout"] == 100 and meta["metrics"]["val_images"] == 100
+    chosen = "ema_val_top1" if meta["metrics"]["weights"] == "ema" else "val_top1"
+    assert meta["metrics"]["top1"] == max(r[key] for r in records for key in ("val_top1", "ema_val_top1"))
+    assert meta["metrics"]["top1"] == records[meta["epoch"] - 1][chosen]
+    # The average is saved under the model's own keys, so everything that loads a checkpoint loads it.
+    model, _ = load_checkpoint(out / "best.safetensors")
+    assert set(load_file(str(out / "last_ema.safetensors"))) == set(model.state_dict())
 
 
 @needs_fmnist
@@ -192,3 +268,12 @@ def test_fine_tuning_from_a_checkpoint_replaces_the_head_for_a_new_class_count(t
     # The body came from the checkpoint (a learning rate of 1e-9 leaves it where it started).
     key = "layers.0.RC.PRM.convs.0.0.weight"
     assert np.allclose(start[key].numpy(), tuned[key].numpy(), atol=1e-6)
+
+
+def test_cooldown_schedule_holds_the_peak_whatever_the_length_and_ends_at_the_minimum():
+    short, long = lr_lambda(10, 100, 0.01, cooldown_steps=30), lr_lambda(10, 200, 0.01, cooldown_steps=30)
+    assert [short(s) for s in range(70)] == [long(s) for s in range(70)]
+    assert short(5) == 0.6 and short(69) == 1.0
+    assert 0.01 < short(85) < 1.0 and short(99) < 0.02 and short(100) == 0.01
+    cosine = lr_lambda(10, 100, 0.01)
+    assert cosine(10) == 1.0 and cosine(11) < 1.0 and cosine(100) == 0.01
