@@ -18,7 +18,7 @@ import tritonclient.http as triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from service.v2_protocol import parse_infer_request  # noqa: E402
+from service.v2 import parse_infer_request  # noqa: E402
 
 
 def best_parse_s(body: bytes, header_length: int | None, repeat: int) -> float:

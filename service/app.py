@@ -3,7 +3,9 @@
 Layout (the FastAPI "bigger applications" shape):
   lifecycle.py       Status, ServiceState, Runtime, load_model, lifespan (owns every resource)
   dependencies.py    StateDep, RuntimeDep, ApiKeyDep (`Annotated[..., Depends()]` aliases)
-  classify_flow.py   the steps of one /classify request (options, uploads, decode, batchers, response)
+  classify_flow.py   the steps of one /classify request (options, uploads, decode, response)
+  dispatch.py        prepared images through the batchers under one deadline (/classify and v2 alike)
+  v2/                the KServe v2 protocol: pure wire format (decode, encode, documents) + its request flow
   routes/*.py        one `router = APIRouter(...)` per role: operations, classify, v2 (KServe v2),
                      docs (offline /docs, /redoc), ui (the web page at /)
 """

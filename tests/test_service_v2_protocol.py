@@ -11,7 +11,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import serialize_byte_tensor
 
-from service import v2_protocol as v2
+from service import v2
 
 
 def request_body(*inputs: triton.InferInput, **kwargs) -> tuple[bytes, str | None]:

@@ -7,16 +7,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request
 
-from ..classify_flow import (
-    RAW_CONTENT_TYPES,
-    infer,
-    prepare_all,
-    read_uploads,
-    resolve_options,
-    shape_result,
-    within_deadline,
-)
+from ..classify_flow import RAW_CONTENT_TYPES, prepare_all, read_uploads, resolve_options, shape_result
 from ..dependencies import ApiKeyDep, RuntimeDep, StateDep
+from ..dispatch import infer, within_deadline
 from ..inference import PreparedImage
 from ..schemas import EXAMPLE_RESULT, BatchResult, ClassifyResult, ErrorBody, ErrorOut, ItemError
 

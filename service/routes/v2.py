@@ -9,29 +9,25 @@ Every error of these routes, including the API key's 401 and the loading 503, an
 
 from __future__ import annotations
 
-import base64
-import binascii
 import time
 from collections.abc import Callable, Coroutine
 from importlib import metadata
 from typing import Annotated, Any
 
-import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
-from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import v2_protocol as v2
+from .. import v2
 from ..artifacts import ServedModel
-from ..classify_flow import Answer, Options, infer, prepare_all, resolve_cam_layer
 from ..dependencies import ApiKeyDep, RuntimeDep, StateDep
-from ..inference import PreparedImage
-from ..lifecycle import Runtime, ServiceState, Status
+from ..dispatch import Options, infer
+from ..lifecycle import Status
 from ..middleware import BodyTooLarge
-from ..postprocess import normalize_cam
+from ..v2.flow import cam_available, cam_target, check_outputs, model_inputs, output_tensor
+from ..v2.stats import model_stats
 
 
 class ProtocolRoute(APIRoute):
@@ -60,14 +56,6 @@ router = APIRouter(prefix="/v2", tags=["v2"], route_class=ProtocolRoute)
 
 
 # ---------------------------------------------------------------- dependencies
-
-
-def cam_available(runtime: Runtime) -> bool:
-    try:
-        resolve_cam_layer(runtime, None)
-    except ValueError:
-        return False
-    return True
 
 
 def get_model(request: Request, runtime: RuntimeDep, name: str) -> ServedModel:
@@ -202,118 +190,8 @@ async def model_infer(
     cam = any(out.name == v2.CAM for out in wanted)
     target, layer = cam_target(parsed.parameters, served, runtime) if cam else (None, None)
     images = await model_inputs(parsed.inputs, sig, state, served)
-    opts = Options(k=0, cam=cam, target=target, layer=layer)  # k is /classify's top-k, unused here
+    opts = Options(k=0, cam=cam, target=target, layer=layer)
     answers = await infer(request, state, runtime, images, opts, arrived)
     outputs = [(output_tensor(out, answers, served), out.binary) for out in wanted]
     content, headers = v2.encode_infer_response(served.name, served.version, parsed.id, outputs)
     return Response(content, headers=headers)
-
-
-def check_outputs(wanted: list[v2.RequestedOutput], sig: v2.Signature, served: ServedModel) -> None:
-    names = [out.name for out in wanted]
-    if len(set(names)) != len(names):
-        raise v2.ProtocolError(f"each output may be asked for once; got {names}")
-    for out in wanted:
-        sig.output(out.name)
-        if out.classification and out.name != v2.LOGITS:
-            raise v2.ProtocolError(f"parameters.classification applies to '{v2.LOGITS}' only, not '{out.name}'")
-        if out.classification > served.num_classes:
-            raise v2.ProtocolError(
-                f"parameters.classification on '{v2.LOGITS}' must be 1..{served.num_classes}, got {out.classification}"
-            )
-
-
-def cam_target(parameters: dict[str, Any], served: ServedModel, runtime: Runtime) -> tuple[int | None, int | None]:
-    """(class to explain or None for top-1, autograd cell or None for the backend's exact last-cell CAM)."""
-    value = parameters.get("cam_class")
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
-        raise v2.ProtocolError(f"parameters.cam_class must be a class index or label, got {value!r}")
-    try:
-        target = None if value is None else served.class_index(value)
-        return target, resolve_cam_layer(runtime, None)
-    except ValueError as exc:
-        raise v2.ProtocolError(f"parameters.cam_class: {exc}") from None
-
-
-async def model_inputs(
-    inputs: list[v2.Tensor], sig: v2.Signature, state: ServiceState, served: ServedModel
-) -> list[PreparedImage]:
-    """The request's one input -> preprocessed images, one per batch entry."""
-    for tensor in inputs:
-        sig.input(tensor.name)
-    if len(inputs) != 1:
-        raise v2.ProtocolError(v2.INPUT_RULE + f"; got {[t.name for t in inputs]}")
-    (tensor,) = inputs
-    spec = sig.input(tensor.name)
-    if tensor.name == v2.IMAGE_BYTES and len(tensor.shape) == 1:
-        v2.check_input(tensor, spec.datatype, spec.shape[:1])  # [B] is accepted for [B, 1]
-    else:
-        v2.check_input(tensor, spec.datatype, spec.shape)
-    count, limit = tensor.shape[0], state.settings.max_files
-    if not 1 <= count <= limit:
-        raise v2.ProtocolError(
-            f"input '{tensor.name}' holds {count} images; one request takes 1..{limit} (VITAE_MAX_FILES)"
-        )
-    if tensor.name == v2.IMAGES:
-        pixels = tensor.data  # (B, C, S, S)
-        if not np.isfinite(pixels).all():
-            raise v2.ProtocolError(f"input '{v2.IMAGES}' holds NaN or infinite values")
-        return [PreparedImage(pixels[i], None) for i in range(count)]
-    encoded = tensor.data if tensor.binary else [from_base64(item, i) for i, item in enumerate(tensor.data)]
-    prepared = await prepare_all(state, served, encoded, keep_original=False)
-    for i, item in enumerate(prepared):
-        if isinstance(item, HTTPException):
-            raise HTTPException(item.status_code, detail=f"input '{v2.IMAGE_BYTES}' element {i}: {item.detail}")
-    return prepared
-
-
-def from_base64(text: bytes, index: int) -> bytes:
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise v2.ProtocolError(
-            f"input '{v2.IMAGE_BYTES}' element {index}: as JSON data an image must be its base64 text "
-            "(or send it raw as binary tensor data)"
-        ) from None
-
-
-def output_tensor(out: v2.RequestedOutput, answers: list[Answer], served: ServedModel) -> v2.Tensor:
-    """One requested output over the batch's answers."""
-    if out.name == v2.LOGITS:
-        logits = np.stack([a.outcome.result.logits for a in answers])  # (B, K)
-        if out.classification:
-            strings = v2.classification_strings(logits, out.classification, served.class_names)
-            return v2.Tensor(out.name, "BYTES", (len(answers), out.classification), strings)
-        return v2.Tensor(out.name, "FP32", logits.shape, logits)
-    if out.name == v2.TOKENS:
-        tokens = np.stack([a.outcome.result.tokens for a in answers])  # (B, N, D)
-        return v2.Tensor(out.name, "FP32", tokens.shape, tokens)
-    cams = normalize_cam(np.stack([a.cam_raw for a in answers])).astype(np.float32)  # (B, h, w)
-    return v2.Tensor(out.name, "FP32", cams.shape, cams)
-
-
-def model_stats(registry: CollectorRegistry, served: ServedModel) -> dict:
-    """Triton's per-model statistics from the classify batcher's Prometheus samples (all routes together)."""
-
-    def sample(name: str) -> float:
-        return registry.get_sample_value(name, {"model": "classify"}) or 0.0
-
-    images, batches = sample("vitae_batch_size_sum"), sample("vitae_batch_size_count")
-    return {
-        "name": served.name,
-        "version": served.version,
-        "inference_count": int(images),
-        "execution_count": int(batches),
-        "inference_stats": {
-            "queue": {
-                "count": int(sample("vitae_queue_wait_seconds_count")),
-                "ns": ns(sample("vitae_queue_wait_seconds_sum")),
-            },
-            "compute_infer": {"count": int(batches), "ns": ns(sample("vitae_inference_seconds_sum"))},
-            "fail": {"count": int(sample("vitae_batch_failures_total")), "ns": 0},
-        },
-    }
-
-
-def ns(seconds: float) -> int:
-    return round(seconds * 1e9)
