@@ -15,7 +15,8 @@ import os
 import random
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from .checkpoint import checkpoint_metadata, save_checkpoint
-from .config import VARIANTS
+from .config import VARIANTS, ViTAEConfig
 from .data import build_datasets, collate_skipping_none
 from .evaluate import evaluate
 from .vitae import ViTAE
@@ -224,27 +225,70 @@ def build_ema(model: torch.nn.Module, decay: float) -> AveragedModel | None:
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
-def autocast_for(device: torch.device, amp: str):
+def amp_for(device: torch.device, amp: str) -> tuple[AbstractContextManager, torch.amp.GradScaler]:
+    """Autocast and its gradient scaler, both doing nothing on CPU or with `--amp none`.
+
+    The scaler only acts for fp16; bf16 and fp32 keep the exponent range that makes scaling pointless.
+    """
     if device.type != "cuda" or amp == "none":
-        return nullcontext(), None
+        return nullcontext(), torch.amp.GradScaler("cuda", enabled=False)
     dtype = torch.float16 if amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported()) else torch.bfloat16
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    return torch.autocast("cuda", dtype=dtype), scaler
+    return torch.autocast("cuda", dtype=dtype), torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
 
-def train(args: argparse.Namespace) -> dict[str, Any]:
-    rank, world, device = setup_distributed(args.device)
-    main = rank == 0
+@dataclass(frozen=True)
+class Process:
+    """Where this process sits in the run."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 validates, logs and writes every file."""
+        return self.rank == 0
+
+
+@dataclass
+class Training:
+    """Everything one run trains with, built once by `build_training`.
+
+    `net` is `model` itself, or `model` wrapped in DistributedDataParallel when there are several ranks;
+    forward passes go through `net`, everything else (clipping, averaging, saving) uses `model`.
+    """
+
+    model: ViTAE
+    net: torch.nn.Module
+    ema: AveragedModel | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    autocast: AbstractContextManager
+    scaler: torch.amp.GradScaler
+    sampler: DistributedSampler
+    loader: DataLoader
+    train_ds: Dataset
+    val_ds: Dataset
+    class_names: list[str]
+
+
+def start_process(args: argparse.Namespace) -> Process:
+    """Join the process group (under torchrun), set up logging, threads and seeds, make the output folder."""
+    process = Process(*setup_distributed(args.device))
     logging.basicConfig(
-        level=logging.INFO if main else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.INFO if process.is_main else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if args.threads:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
-    out = Path(args.out)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
+    if process.is_main:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    return process
 
+
+def build_data(args: argparse.Namespace) -> tuple[ViTAEConfig, Dataset, Dataset, list[str]]:
+    """(model config, train set, validation set, class names); the class count comes from the data."""
     overrides = json.loads(args.overrides)
     base = VARIANTS[args.variant]
     overrides.setdefault("drop_path_rate", args.drop_path)
@@ -259,22 +303,36 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         holdout=args.holdout,
     )
     overrides["num_classes"] = len(class_names)
-    model = ViTAE(base.replace(**overrides))
+    return base.replace(**overrides), train_ds, val_ds, class_names
+
+
+def build_model(
+    args: argparse.Namespace, config: ViTAEConfig, process: Process
+) -> tuple[ViTAE, torch.nn.Module, AveragedModel | None]:
+    """(model, the model as trained: DDP-wrapped on several ranks, its weight average or None)."""
+    model = ViTAE(config)
     if args.init:
         init_from(model, args.init)
-    model.to(device)
-    net = (
-        DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        if world > 1
-        else model
-    )
+    model.to(process.device)
+    net = model
+    if process.world > 1:
+        device_ids = [process.device.index] if process.device.type == "cuda" else None
+        net = DistributedDataParallel(model, device_ids=device_ids)
     # Built after --init and .to(device): the average starts from the weights training starts from.
     ema = build_ema(model, args.ema_decay)
-    if world > 1:
+    if process.world > 1:
         # Same initial weights everywhere (seeded above, broadcast by DDP); different drop-path masks per rank.
-        torch.manual_seed(args.seed + rank)
+        torch.manual_seed(args.seed + process.rank)
+    return model, net, ema
 
-    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+
+def build_loader(
+    args: argparse.Namespace, train_ds: Dataset, process: Process
+) -> tuple[DistributedSampler, DataLoader]:
+    """This rank's share of the training set, reshuffled each epoch; fails when there is not one full batch."""
+    sampler = DistributedSampler(
+        train_ds, num_replicas=process.world, rank=process.rank, shuffle=True, seed=args.seed, drop_last=True
+    )
     loader = DataLoader(
         train_ds,
         batch_size=args.batch_size,
@@ -282,174 +340,279 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         num_workers=args.workers,
         collate_fn=collate_skipping_none,
         drop_last=True,
-        pin_memory=device.type == "cuda",
+        pin_memory=process.device.type == "cuda",
     )
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_ds)} training images are fewer than one batch of {args.batch_size * world}")
+    if len(loader) == 0:
+        raise ValueError(
+            f"{len(train_ds)} training images are fewer than one batch of {args.batch_size * process.world}"
+        )
+    return sampler, loader
+
+
+def build_optimizer(
+    args: argparse.Namespace, model: torch.nn.Module, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW and its per-step schedule: warmup, then cosine decay (over the whole run or the cooldown)."""
     if not 0 <= args.cooldown_epochs <= args.epochs - args.warmup_epochs:
         raise ValueError(
             f"--cooldown-epochs must be between 0 and --epochs minus --warmup-epochs "
             f"({args.epochs - args.warmup_epochs:g}), got {args.cooldown_epochs:g}"
         )
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lr_lambda(
-            round(args.warmup_epochs * steps_per_epoch),
-            args.epochs * steps_per_epoch,
-            args.min_lr / args.lr,
-            round(args.cooldown_epochs * steps_per_epoch),
-        ),
+    schedule = lr_lambda(
+        round(args.warmup_epochs * steps_per_epoch),
+        args.epochs * steps_per_epoch,
+        args.min_lr / args.lr,
+        round(args.cooldown_epochs * steps_per_epoch),
     )
-    autocast, scaler = autocast_for(device, args.amp)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
-    start_epoch, best = 0, {"top1": -1.0}
-    state_path = out / STATE_FILE
-    if args.resume:
-        if not state_path.is_file():
-            raise FileNotFoundError(f"--resume: {state_path} not found")
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        if ema is not None:
-            if state.get("ema") is None:
-                raise ValueError(f"--resume: {state_path} holds no weight average; it was written without --ema-decay")
-            ema.load_state_dict(state["ema"])
-        start_epoch, best = state["epoch"], state["best"]
-        set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
-        log.info("resumed from %s at epoch %d", state_path, start_epoch)
 
-    train_args = {k: v for k, v in vars(args).items()}
-    stop = min(args.epochs, args.stop_after) if args.stop_after else args.epochs
-    log_path = out / "log.jsonl"
-    t_run = time.time()
-    record: dict[str, Any] = {}
-    for epoch in range(start_epoch, stop):
-        sampler.set_epoch(epoch)
-        train_ds.set_epoch(epoch)
-        net.train()
-        t0, seen, loss_sum, correct = time.time(), 0, 0.0, 0
-        bar = tqdm(
-            loader,
-            desc=f"epoch {epoch + 1}/{args.epochs}",
-            disable=not main or args.no_progress,
-            dynamic_ncols=True,
-            file=sys.stderr,
+def build_training(args: argparse.Namespace, process: Process) -> Training:
+    """Data, model, optimizer and precision, in the order that fixes what the seeded generators give each."""
+    config, train_ds, val_ds, class_names = build_data(args)
+    model, net, ema = build_model(args, config, process)
+    sampler, loader = build_loader(args, train_ds, process)
+    optimizer, scheduler = build_optimizer(args, model, len(loader))
+    autocast, scaler = amp_for(process.device, args.amp)
+    return Training(
+        model, net, ema, optimizer, scheduler, autocast, scaler, sampler, loader, train_ds, val_ds, class_names
+    )
+
+
+@dataclass
+class ResumeState:
+    """What `<out>/last_state.pt` holds: everything `--resume` needs to continue bit for bit.
+
+    Saved as a plain dict whose keys are these fields, so `save_state` and `load_state` cannot disagree.
+    """
+
+    model: dict[str, Any]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    scaler: dict[str, Any] | None  # empty (older files: None) when no fp16 scaling ran
+    ema: dict[str, Any] | None
+    epoch: int  # epochs done
+    best: dict[str, Any]
+    rng: list[dict[str, Any]]  # one per rank (older single-process files: one dict)
+
+
+def save_state(path: Path, t: Training, process: Process, epoch: int, best: dict[str, Any]) -> None:
+    """Write the resume state after `epoch` epochs. Every rank must call it: their random states are gathered."""
+    rngs: list[Any] = [None] * process.world
+    if process.world > 1:
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    if process.is_main:
+        state = ResumeState(
+            model=t.model.state_dict(),
+            optimizer=t.optimizer.state_dict(),
+            scheduler=t.scheduler.state_dict(),
+            scaler=t.scaler.state_dict(),
+            ema=t.ema.state_dict() if t.ema is not None else None,
+            epoch=epoch,
+            best=best,
+            rng=rngs,
         )
-        for batch in bar:
-            if batch is None:
-                continue
-            x, y = (t.to(device, non_blocking=True) for t in batch)
-            with autocast:
-                logits = net(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            if args.clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            seen += len(y)
-            loss_sum += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            bar.set_postfix(
-                loss=f"{loss_sum / seen:.4f}",
-                acc=f"{correct / seen:.4f}",
-                img_s=f"{seen * world / (time.time() - t0):.0f}",
-            )
-        train_time = time.time() - t0
-        average_buffers(model, world)
-        metrics, ema_metrics = None, None
-        if main:
-            metrics = evaluate(model, val_ds, class_names, device=device, batch_size=256, progress=not args.no_progress)
-            if ema is not None:
-                ema_metrics = evaluate(
-                    ema.module, val_ds, class_names, device=device, batch_size=256, progress=not args.no_progress
-                )
-        if world > 1:
+        tmp = path.with_suffix(".tmp")
+        torch.save({f.name: getattr(state, f.name) for f in fields(state)}, tmp)
+        tmp.replace(path)  # atomic: a run killed mid-write keeps the previous state
+    if process.world > 1:
+        dist.barrier()
+
+
+def load_state(path: Path, t: Training, process: Process) -> tuple[int, dict[str, Any]]:
+    """Restore what `save_state` wrote into `t` and this rank's generators; returns (epochs done, best so far)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: {path} not found")
+    state = ResumeState(**torch.load(path, map_location="cpu", weights_only=False))
+    t.model.load_state_dict(state.model)
+    t.optimizer.load_state_dict(state.optimizer)
+    t.scheduler.load_state_dict(state.scheduler)
+    if state.scaler:
+        t.scaler.load_state_dict(state.scaler)
+    if t.ema is not None:
+        if state.ema is None:
+            raise ValueError(f"--resume: {path} holds no weight average; it was written without --ema-decay")
+        t.ema.load_state_dict(state.ema)
+    set_rng_state(state.rng[process.rank] if isinstance(state.rng, list) else state.rng)
+    return state.epoch, state.best
+
+
+@dataclass
+class EpochStats:
+    """Running training figures of one epoch on this rank."""
+
+    seen: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    time_s: float = 0.0
+
+
+def train_one_epoch(args: argparse.Namespace, t: Training, process: Process, epoch: int) -> EpochStats:
+    """One pass over this rank's share of the training set: one optimizer step per batch."""
+    t.sampler.set_epoch(epoch)
+    t.train_ds.set_epoch(epoch)
+    t.net.train()
+    stats, t0 = EpochStats(), time.time()
+    bar = tqdm(
+        t.loader,
+        desc=f"epoch {epoch + 1}/{args.epochs}",
+        disable=not process.is_main or args.no_progress,
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
+    for batch in bar:
+        if batch is None:  # every image of the batch was unreadable
+            continue
+        x, y = (v.to(process.device, non_blocking=True) for v in batch)  # (B, C, H, W), (B,)
+        # forward, in reduced precision where --amp allows
+        with t.autocast:
+            logits = t.net(x)  # (B, num_classes)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
+        # backward; the scaler multiplies the loss for fp16 only
+        t.optimizer.zero_grad(set_to_none=True)
+        t.scaler.scale(loss).backward()
+        # clip the true (unscaled) gradients
+        t.scaler.unscale_(t.optimizer)
+        if args.clip_grad:
+            torch.nn.utils.clip_grad_norm_(t.model.parameters(), args.clip_grad)
+        # step the weights, the learning rate and the weight average
+        t.scaler.step(t.optimizer)
+        t.scaler.update()
+        t.scheduler.step()
+        if t.ema is not None:
+            t.ema.update_parameters(t.model)
+        # running figures for the bar and the log
+        stats.seen += len(y)
+        stats.loss_sum += loss.item() * len(y)
+        stats.correct += (logits.argmax(1) == y).sum().item()
+        bar.set_postfix(
+            loss=f"{stats.loss_sum / stats.seen:.4f}",
+            acc=f"{stats.correct / stats.seen:.4f}",
+            img_s=f"{stats.seen * process.world / (time.time() - t0):.0f}",
+        )
+    stats.time_s = time.time() - t0
+    return stats
+
+
+def validate(
+    args: argparse.Namespace, t: Training, process: Process
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(model metrics, weight-average metrics or None) on rank 0; (None, None) on the other ranks."""
+    if not process.is_main:
+        return None, None
+
+    def evaluate_on(module: torch.nn.Module) -> dict[str, Any]:
+        return evaluate(
+            module, t.val_ds, t.class_names, device=process.device, batch_size=256, progress=not args.no_progress
+        )
+
+    metrics = evaluate_on(t.model)
+    ema_metrics = evaluate_on(t.ema.module) if t.ema is not None else None
+    return metrics, ema_metrics
+
+
+def epoch_record(
+    epoch: int,
+    stats: EpochStats,
+    metrics: dict[str, Any],
+    ema_metrics: dict[str, Any] | None,
+    t: Training,
+    process: Process,
+    synced: bool,
+) -> dict[str, Any]:
+    """One line of log.jsonl."""
+    record = {
+        "epoch": epoch + 1,
+        "train_loss": stats.loss_sum / max(stats.seen, 1),
+        "train_acc": stats.correct / max(stats.seen, 1),
+        "val_top1": metrics["top1"],
+        "val_top5": metrics["top5"],
+        "val_loss": metrics["loss"],
+        "lr": t.scheduler.get_last_lr()[0],
+        "epoch_time_s": round(stats.time_s, 2),
+        "images_per_s": round(stats.seen * process.world / stats.time_s, 1),
+        "world_size": process.world,
+        "ranks_in_sync": synced,
+    }
+    if ema_metrics is not None:
+        record.update(
+            ema_val_top1=ema_metrics["top1"], ema_val_top5=ema_metrics["top5"], ema_val_loss=ema_metrics["loss"]
+        )
+    return record
+
+
+def save_checkpoints(
+    args: argparse.Namespace,
+    t: Training,
+    epoch: int,
+    metrics: dict[str, Any],
+    ema_metrics: dict[str, Any] | None,
+    best: dict[str, Any],
+) -> dict[str, Any]:
+    """Write last.* (and last_ema.*), and best.* when the model or its average beats `best`; returns the new best.
+
+    The plain model and (with --ema-decay) its average compete for best.* on the validation split.
+    """
+    out = Path(args.out)
+    candidates = [("model", t.model, metrics)]
+    if t.ema is not None:
+        candidates.append(("ema", t.ema.module, ema_metrics))
+    for weights, module, m in candidates:
+        meta = checkpoint_metadata(
+            module,
+            variant=args.variant,
+            class_names=t.class_names,
+            train_args=dict(vars(args)),
+            epoch=epoch + 1,
+            metrics={
+                "top1": m["top1"],
+                "top5": m["top5"],
+                "val_loss": m["loss"],
+                "val_images": m["n"],
+                "holdout": args.holdout,
+                "weights": weights,
+            },
+        )
+        save_checkpoint(module, out / ("last" if weights == "model" else "last_ema"), meta)
+        if m["top1"] > best["top1"]:
+            best = {"top1": m["top1"], "epoch": epoch + 1, "weights": weights}
+            save_checkpoint(module, out / "best", meta)
+    return best
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Run (or with --resume continue) a training run; returns a summary of it."""
+    process = start_process(args)
+    t = build_training(args, process)
+    out = Path(args.out)
+    state_path = out / STATE_FILE
+    start_epoch, best = 0, {"top1": -1.0}
+    if args.resume:
+        start_epoch, best = load_state(state_path, t, process)
+        log.info("resumed from %s at epoch %d", state_path, start_epoch)
+    stop = min(args.epochs, args.stop_after) if args.stop_after else args.epochs
+    t_run, record = time.time(), {}
+    for epoch in range(start_epoch, stop):
+        # train on this rank's share of the data
+        stats = train_one_epoch(args, t, process, epoch)
+        # BatchNorm statistics of the global batch, then validation on rank 0 while the others wait
+        average_buffers(t.model, process.world)
+        metrics, ema_metrics = validate(args, t, process)
+        if process.world > 1:
             dist.barrier()
-        synced = ranks_in_sync(model, world)
-        if main:
-            record = {
-                "epoch": epoch + 1,
-                "train_loss": loss_sum / max(seen, 1),
-                "train_acc": correct / max(seen, 1),
-                "val_top1": metrics["top1"],
-                "val_top5": metrics["top5"],
-                "val_loss": metrics["loss"],
-                "lr": scheduler.get_last_lr()[0],
-                "epoch_time_s": round(train_time, 2),
-                "images_per_s": round(seen * world / train_time, 1),
-                "world_size": world,
-                "ranks_in_sync": synced,
-            }
-            if ema_metrics is not None:
-                record.update(
-                    ema_val_top1=ema_metrics["top1"], ema_val_top5=ema_metrics["top5"], ema_val_loss=ema_metrics["loss"]
-                )
-            with log_path.open("a") as f:
+        synced = ranks_in_sync(t.model, process.world)
+        # log the epoch and write the checkpoints (rank 0)
+        if process.is_main:
+            record = epoch_record(epoch, stats, metrics, ema_metrics, t, process, synced)
+            with (out / "log.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
             log.info("epoch %d: %s", epoch + 1, json.dumps(record))
-            # The plain model and (with --ema-decay) its average compete for best.* on the validation split.
-            candidates = [("model", model, metrics)]
-            if ema is not None:
-                candidates.append(("ema", ema.module, ema_metrics))
-            for weights, module, m in candidates:
-                meta = checkpoint_metadata(
-                    module,
-                    variant=args.variant,
-                    class_names=class_names,
-                    train_args=train_args,
-                    epoch=epoch + 1,
-                    metrics={
-                        "top1": m["top1"],
-                        "top5": m["top5"],
-                        "val_loss": m["loss"],
-                        "val_images": m["n"],
-                        "holdout": args.holdout,
-                        "weights": weights,
-                    },
-                )
-                save_checkpoint(module, out / ("last" if weights == "model" else "last_ema"), meta)
-                if m["top1"] > best["top1"]:
-                    best = {"top1": m["top1"], "epoch": epoch + 1, "weights": weights}
-                    save_checkpoint(module, out / "best", meta)
-        rngs: list[Any] = [None] * world
-        if world > 1:
-            dist.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
-        if main:
-            torch.save(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler else None,
-                    "ema": ema.state_dict() if ema is not None else None,
-                    "epoch": epoch + 1,
-                    "best": best,
-                    "rng": rngs,
-                },
-                state_path.with_suffix(".tmp"),
-            )
-            state_path.with_suffix(".tmp").replace(state_path)
-        if world > 1:
-            dist.barrier()
+            best = save_checkpoints(args, t, epoch, metrics, ema_metrics, best)
+        # the exact state to continue from
+        save_state(state_path, t, process, epoch + 1, best)
     summary = {
         "epochs_run": stop - start_epoch,
         "best_top1": best.get("top1"),
@@ -459,14 +622,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "wall_time_s": round(time.time() - t_run, 1),
         "out": str(out),
     }
-    if main:
+    if process.is_main:
         print(
             f"done: {stop} epochs, best top-1 {best.get('top1', 0):.4f} at epoch {best.get('epoch')} "
-            f"({best.get('weights')} weights), "
-            f"{summary['wall_time_s']:.0f} s, checkpoints in {out}",
+            f"({best.get('weights')} weights), {summary['wall_time_s']:.0f} s, checkpoints in {out}",
             flush=True,
         )
-    if world > 1:
+    if process.world > 1:
         dist.destroy_process_group()
     return summary
 
