@@ -1,15 +1,18 @@
-"""Benchmark the inference service against the raw backend and a naive FastAPI endpoint (not a test).
+"""The service against its own engine and against what a user gets without it, in one run (not a test).
 
-    python benchmarks/bench_service.py [--checkpoint PATH --variant vitae_t] [--requests 192] [--threads 0]
+    python benchmarks/bench_service.py [--checkpoint PATH --variant vitae_t] [--requests 384] [--concurrency 32]
 
-Exports ViTAE-T at 224 (the release's weights from ../shared/reference when present, else random weights),
-then in one run measures:
-  * raw backend: ONNX Runtime on already-preprocessed inputs at batch 1..max, images/s (best batch reported);
-  * the service: `python -m service` in a subprocess, driven over HTTP with real JPEG photos at
-    concurrency 1, 8, 32, 64 (closed loop: each client sends its next image when the last one is answered);
-  * naive: a FastAPI endpoint in a subprocess that decodes, preprocesses and runs one inference per
-    request on the same backend (no batching), driven the same way.
-The load generator runs on the same machine as the servers, as a client on one host would.
+Exports ViTAE-T at 224 with this project (the release's weights from ../shared/reference when present, else
+random weights), and separately with a plain `torch.onnx.export` of the same weights. Then, with real JPEG
+photos (400-800 px) at `--concurrency` closed-loop clients (each sends its next image when the last one is
+answered), it measures:
+  * raw engine: the backend the service picks (`auto`: OpenVINO, bf16 where safe) on preprocessed inputs,
+    batch 1..max, best batch reported; ONNX Runtime fp32 on the same inputs for reference;
+  * the service (`python -m service`), with cam=false and with cam=true;
+  * naive: the plain export in ONNX Runtime behind a FastAPI endpoint, one `session.run` per request;
+  * LitServe: the plain export in ONNX Runtime behind LitServe with its batching (pip extra `bench`).
+and prints the ratios against the goals. Servers and load generator share the machine, as on one host;
+on a shared machine absolute figures drift between runs, so compare the ratios within one run.
 """
 
 from __future__ import annotations
@@ -31,10 +34,21 @@ import numpy as np
 from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 
+try:
+    import litserve as ls
+except ImportError:  # the `bench` extra is not installed: the LitServe baseline is skipped
+    ls = None
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 REFERENCE = ROOT.parent / "shared" / "reference" / "vitae_t_official.safetensors"
+GOALS = {  # what the service must reach, as a multiple of each baseline
+    "service / naive endpoint": 1.5,
+    "service / LitServe": 1.7,
+    "service / its raw engine": 0.90,
+    "service cam=true / cam=false": 0.90,
+}
 
 
 # ------------------------------------------------------------------ inputs
@@ -70,34 +84,71 @@ def real_jpegs(count: int) -> list[bytes]:
     return out
 
 
-def export_model(checkpoint: Path | None, variant: str, out: Path, max_batch: int) -> Path:
-    import export
+def checkpoint_or_random(checkpoint: Path | None, variant: str, workdir: Path) -> Path:
+    if checkpoint is not None and checkpoint.is_file():
+        return checkpoint
+    from safetensors.torch import save_file
+
     from model import create_model
 
-    if checkpoint is None or not checkpoint.is_file():
-        from safetensors.torch import save_file
+    print(f"{checkpoint} not found: {variant} with random weights")
+    path = workdir / f"{variant}_random.safetensors"
+    save_file({k: v.contiguous() for k, v in create_model(variant).state_dict().items()}, str(path))
+    return path
 
-        print(f"{REFERENCE} not found: ViTAE-T with random weights")
-        checkpoint = out.parent / "vitae_t_random.safetensors"
-        model = create_model(variant)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(checkpoint))
-    export.export_artifacts(checkpoint, out, variant=variant, max_batch=max_batch, precision="fp32")
+
+def plain_export(artifacts: Path, out: Path) -> Path:
+    """What a user writes without this project: the model as loaded (BatchNorm unfolded), torch.onnx.export
+    with a dynamic batch and the exporter's defaults; the outputs are the logits only."""
+    import torch
+
+    from model import ViTAE, ViTAEConfig, load_weights
+    from service.artifacts import read_artifacts
+
+    served = read_artifacts(artifacts)
+    model = load_weights(ViTAE(ViTAEConfig.from_dict(served.metadata["config"])), served.file("weights")).eval()
+    prep = served.preprocessing
+    example = torch.zeros(1, prep.in_chans, prep.img_size, prep.img_size)
+    try:
+        import onnxscript  # noqa: F401  (the dynamo exporter, torch's default, needs it)
+
+        dynamo = True
+    except ImportError:
+        dynamo = False
+    torch.onnx.export(
+        model,
+        (example,),
+        str(out),
+        dynamo=dynamo,
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+    )
+    print(f"plain export: torch.onnx.export(dynamo={dynamo}) -> {out.name}")
     return out
 
 
-# ------------------------------------------------------------------ the naive endpoint
+def preprocessed(artifacts: Path, jpegs: list[bytes]) -> np.ndarray:
+    from model.preprocess import decode_image, preprocess, resize_size
+    from service.artifacts import read_artifacts
+
+    prep = read_artifacts(artifacts).preprocessing
+    return np.stack([preprocess(decode_image(d, target_size=resize_size(prep)), prep) for d in jpegs])
 
 
-def naive_app(artifacts: Path, threads: int):
-    """One inference per request: decode, preprocess, backend.infer(batch of 1), top-5. No queue, no batching."""
+# ------------------------------------------------------------------ the baselines' servers
+
+
+def naive_app(artifacts: str, plain_onnx: str):
+    """One `session.run` per request on the plain export: decode, preprocess, infer, top-5. No batching."""
+    import onnxruntime as ort
 
     from model.preprocess import decode_image, preprocess, resize_size
     from service.artifacts import read_artifacts
-    from service.backends import OnnxRuntimeBackend
     from service.postprocess import top_k
 
-    served = read_artifacts(artifacts)
-    backend = OnnxRuntimeBackend(served, gpu=False, threads=threads, int8=False)
+    served = read_artifacts(Path(artifacts))
+    session = ort.InferenceSession(plain_onnx, providers=["CPUExecutionProvider"])
     app = FastAPI()
 
     @app.post("/classify")
@@ -106,8 +157,8 @@ def naive_app(artifacts: Path, threads: int):
 
         def work() -> list:
             image = decode_image(data, target_size=resize_size(served.preprocessing))
-            pixels = preprocess(image, served.preprocessing)[None]
-            logits, _ = backend.infer(pixels)
+            pixels = preprocess(image, served.preprocessing)[None]  # (1, C, S, S)
+            (logits,) = session.run(["logits"], {"images": pixels})
             return [vars(p) for p in top_k(logits[0], served.class_names, 5)]
 
         return {"predictions": await run_in_threadpool(work)}
@@ -119,32 +170,74 @@ def naive_app(artifacts: Path, threads: int):
     return app
 
 
+class PlainOnnxAPI(ls.LitAPI if ls is not None else object):
+    """The plain export behind LitServe, in its steps: setup, decode_request, batch, predict, unbatch,
+    encode_response. Module-level, so that LitServe can pickle it into its inference worker process."""
+
+    def __init__(self, artifacts: str, plain_onnx: str, **batching) -> None:
+        super().__init__(**batching)
+        self.artifacts, self.plain_onnx = artifacts, plain_onnx
+
+    def setup(self, device: str) -> None:
+        import onnxruntime as ort
+
+        from service.artifacts import read_artifacts
+
+        self.served = read_artifacts(Path(self.artifacts))
+        self.session = ort.InferenceSession(self.plain_onnx, providers=["CPUExecutionProvider"])
+
+    def decode_request(self, request) -> np.ndarray:
+        from model.preprocess import decode_image, preprocess, resize_size
+
+        prep = self.served.preprocessing
+        image = decode_image(request["file"].file.read(), target_size=resize_size(prep))
+        return preprocess(image, prep)  # (C, S, S)
+
+    def batch(self, inputs: list[np.ndarray]) -> np.ndarray:
+        return np.stack(inputs)  # (B, C, S, S)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(["logits"], {"images": x})[0]  # (B, K)
+
+    def unbatch(self, output: np.ndarray) -> list[np.ndarray]:
+        return list(output)
+
+    def encode_response(self, logits: np.ndarray) -> dict:
+        from service.postprocess import top_k
+
+        return {"predictions": [vars(p) for p in top_k(logits, self.served.class_names, 5)]}
+
+
+def run_litserve(artifacts: str, plain_onnx: str, port: int, max_batch: int, batch_timeout_s: float) -> None:
+    """Serve PlainOnnxAPI with LitServe's dynamic batching, one inference worker on the CPU."""
+    api = PlainOnnxAPI(artifacts, plain_onnx, max_batch_size=max_batch, batch_timeout=batch_timeout_s)
+    server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, timeout=300)
+    server.run(port=port, host="127.0.0.1", generate_client_file=False, log_level="warning")
+
+
 # ------------------------------------------------------------------ measuring
 
 
-def raw_backend(artifacts: Path, jpegs: list[bytes], threads: int, max_batch: int) -> dict[int, float]:
-    from model.preprocess import decode_image, preprocess, resize_size
-    from service.artifacts import read_artifacts
-    from service.backends import OnnxRuntimeBackend
-
-    served = read_artifacts(artifacts)
-    prep = served.preprocessing
-    pixels = np.stack([preprocess(decode_image(d, target_size=resize_size(prep)), prep) for d in jpegs])
-    backend = OnnxRuntimeBackend(served, gpu=False, threads=threads, int8=False)
+def raw_engine(backend, pixels: np.ndarray, max_batch: int, label: str) -> dict[int, float]:
     results = {}
     for batch in sorted({1, 8, 16, max_batch}):
-        x = np.concatenate([pixels] * (batch // len(pixels) + 1))[:batch]
+        x = np.ascontiguousarray(np.resize(pixels, (batch, *pixels.shape[1:])))
         backend.infer(x)
         runs, started = 0, time.perf_counter()
-        while time.perf_counter() - started < 4.0 or runs < 3:
+        while time.perf_counter() - started < 4.0 or runs < 2:
             backend.infer(x)
             runs += 1
         results[batch] = runs * batch / (time.perf_counter() - started)
-        print(f"  raw backend batch {batch:3d}: {results[batch]:7.1f} images/s")
+        print(f"  {label} batch {batch:3d}: {results[batch]:7.1f} images/s")
     return results
 
 
-async def drive(url: str, jpegs: list[bytes], concurrency: int, total: int) -> dict[str, float]:
+async def drive(url: str, jpegs: list[bytes], concurrency: int, total: int, request, server_cpu) -> dict[str, float]:
+    """Closed loop: `concurrency` clients, `total` requests; `request(http, data)` sends one.
+
+    Also the server's CPU time per answered image (`server_cpu()` reads its CPU seconds): what the
+    server spends on one image whatever else runs on the machine, the steadier figure on a loaded one.
+    """
     latencies: list[float] = []
     errors = 0
     next_index = 0
@@ -156,32 +249,47 @@ async def drive(url: str, jpegs: list[bytes], concurrency: int, total: int) -> d
             next_index += 1
             started = time.perf_counter()
             try:
-                response = await http.post("/classify", content=data, headers={"content-type": "image/jpeg"})
+                response = await request(http, data)
             except httpx.HTTPError:  # a dropped connection counts as an error, not as a latency
                 errors += 1
                 continue
-            latencies.append(time.perf_counter() - started)
-            errors += response.status_code != 200
+            if response.status_code == 200:
+                latencies.append(time.perf_counter() - started)
+            else:
+                errors += 1
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as http:
-        await asyncio.gather(
-            *(
-                http.post("/classify", content=jpegs[0], headers={"content-type": "image/jpeg"})
-                for _ in range(min(concurrency, 8))
-            )
-        )  # warm connections and caches
-        started = time.perf_counter()
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=300) as http:
+        await asyncio.gather(*(request(http, jpegs[i % len(jpegs)]) for i in range(concurrency)))  # warm up
+        started, cpu_started = time.perf_counter(), server_cpu()
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
+        elapsed, cpu = time.perf_counter() - started, server_cpu() - cpu_started
     ms = np.array(latencies) * 1000
     return {
         "images_per_s": len(latencies) / elapsed,
         "p50": float(np.percentile(ms, 50)),
         "p95": float(np.percentile(ms, 95)),
-        "p99": float(np.percentile(ms, 99)),
+        "cpu_ms_per_image": 1000 * cpu / max(1, len(latencies)),
         "errors": errors,
     }
+
+
+def raw_jpeg(path: str, **params):
+    async def send(http: httpx.AsyncClient, data: bytes) -> httpx.Response:
+        return await http.post(path, content=data, headers={"content-type": "image/jpeg"}, params=params)
+
+    return send
+
+
+def multipart(path: str):
+    async def send(http: httpx.AsyncClient, data: bytes) -> httpx.Response:
+        return await http.post(path, files={"file": ("photo.jpg", data, "image/jpeg")})
+
+    return send
+
+
+class ServerFailed(RuntimeError):
+    """The server started but its model failed to load; the message is its /readyz detail."""
 
 
 def free_port() -> int:
@@ -190,46 +298,63 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start(command: list[str], env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
+def start(command: list[str], env: dict[str, str], port: int, log: Path, ready_path: str) -> subprocess.Popen:
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+    deadline = time.monotonic() + 600
     while True:
         if process.poll() is not None:
-            raise SystemExit(f"{command} exited; see {log}")
+            raise SystemExit(f"{command[:3]} exited; see {log}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+            response = httpx.get(f"http://127.0.0.1:{port}{ready_path}")
+            if response.status_code == 200:
                 return process
+            if "json" in response.headers.get("content-type", "") and response.json().get("status") == "failed":
+                stop(process)
+                raise ServerFailed(response.json().get("detail", "failed to load"))
         except httpx.TransportError:
             pass
         if time.monotonic() > deadline:
-            process.kill()
-            raise SystemExit(f"{command} did not become ready; see {log}")
-        time.sleep(0.2)
+            os.killpg(process.pid, signal.SIGKILL)
+            raise SystemExit(f"{command[:3]} did not become ready; see {log}")
+        time.sleep(0.5)
 
 
 def stop(process: subprocess.Popen) -> None:
-    process.send_signal(signal.SIGTERM)
+    """SIGTERM to the server's process group (LitServe runs its workers as child processes)."""
+    os.killpg(process.pid, signal.SIGTERM)
     try:
         process.wait(timeout=60)
     except subprocess.TimeoutExpired:
-        process.kill()
+        os.killpg(process.pid, signal.SIGKILL)
 
 
-def measure_server(name, command, env, port, jpegs, levels, requests, log) -> dict[int, dict[str, float]]:
-    process = start(command, env, port, log)
-    results = {}
-    try:
-        for concurrency in levels:
-            total = max(requests, 2 * concurrency)
-            results[concurrency] = asyncio.run(drive(f"http://127.0.0.1:{port}", jpegs, concurrency, total))
-            r = results[concurrency]
-            print(
-                f"  {name:8s} c={concurrency:3d}: {r['images_per_s']:7.1f} images/s  p50 {r['p50']:7.1f}  "
-                f"p95 {r['p95']:7.1f}  p99 {r['p99']:7.1f} ms  errors {r['errors']}"
-            )
-    finally:
-        stop(process)
-    return results
+def cpu_seconds(group: int) -> float:
+    """User + system CPU time of every process in a process group (a server and its workers), Linux only."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command: state, ppid, pgrp, ...
+        except OSError:
+            continue
+        if int(fields[2]) == group:
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def measure(
+    name: str, url: str, jpegs: list[bytes], concurrency: int, total: int, request, server: subprocess.Popen
+) -> dict[str, float]:
+    r = asyncio.run(drive(url, jpegs, concurrency, total, request, lambda: cpu_seconds(server.pid)))
+    print(
+        f"  {name:22s} c={concurrency}: {r['images_per_s']:6.1f} images/s  p50 {r['p50']:6.0f} ms  "
+        f"p95 {r['p95']:6.0f} ms  server CPU {r['cpu_ms_per_image']:4.0f} ms/image  errors {r['errors']}"
+    )
+    return r
+
+
+# ------------------------------------------------------------------ the run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,87 +362,135 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, default=REFERENCE)
     parser.add_argument("--variant", default="vitae_t")
     parser.add_argument("--out", type=Path, default=None, help="artifacts folder (default: a temporary one)")
-    parser.add_argument("--requests", type=int, default=192, help="requests per concurrency level")
-    parser.add_argument("--concurrency", default="1,8,32,64")
+    parser.add_argument("--requests", type=int, default=384, help="requests per measurement")
+    parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=32)
-    parser.add_argument(
-        "--service-max-batch",
-        type=int,
-        default=0,
-        help="VITAE_MAX_BATCH_SIZE for the service (0: the raw backend's best batch size measured in this run)",
-    )
     parser.add_argument("--max-delay-ms", type=float, default=10.0)
-    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
+    parser.add_argument("--cpu-precision", default="auto", help="the service's VITAE_CPU_PRECISION")
     args = parser.parse_args(argv)
-    levels = [int(c) for c in args.concurrency.split(",")]
+    c, total = args.concurrency, max(args.requests, 2 * args.concurrency)
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-service-"))
     artifacts = args.out or workdir / "artifacts"
     print(f"machine: {os.cpu_count()} CPU cores; exporting {args.variant} to {artifacts}")
-    export_model(args.checkpoint, args.variant, artifacts, args.max_batch)
+    import export
+
+    checkpoint = checkpoint_or_random(args.checkpoint, args.variant, workdir)
+    meta = export.export_artifacts(
+        checkpoint, artifacts, variant=args.variant, max_batch=args.max_batch, precision="fp32"
+    )
+    bf16 = meta["cpu_bf16"]
+    print(
+        f"export's bf16 check: safe={bf16['safe']} ({bf16['reason']}); agreement {bf16['top1_agreement']} %, "
+        f"max logit diff {bf16['max_logit_diff']} on {bf16['inputs']}"
+    )
+    plain = plain_export(artifacts, workdir / "plain.onnx")
     jpegs = real_jpegs(12)
     print(f"inputs: {len(jpegs)} real JPEG photos, {min(len(j) for j in jpegs)}..{max(len(j) for j in jpegs)} bytes")
 
-    print("raw backend (ONNX Runtime, preprocessed inputs, in process)")
-    raw = raw_backend(artifacts, jpegs, args.threads, args.max_batch)
-    best_batch = max(raw, key=raw.get)
-    # Batches beyond the backend's best size add latency and no throughput, so that is the service's cap.
-    service_batch = args.service_max_batch or best_batch
+    # ---- raw engines, in process
+    from service.artifacts import read_artifacts
+    from service.backends import OnnxRuntimeBackend, select_backend
 
+    served = read_artifacts(artifacts)
+    pixels = preprocessed(artifacts, jpegs)
+    selection = select_backend("auto", served, device="cpu", cpu_precision=args.cpu_precision)
+    engine = selection.backend
+    print(f"raw engine: {engine.name} {engine.precision} ({selection.reason})")
+    raw = raw_engine(engine, pixels, args.max_batch, f"{engine.name} {engine.precision}")
+    engine.close()
+    ort_raw = raw_engine(OnnxRuntimeBackend(served, gpu=False), pixels, args.max_batch, "onnxruntime fp32")
+    best_batch = max(raw, key=raw.get)
+
+    # ---- the service, cam off and on
     env = os.environ | {"PYTHONPATH": str(ROOT), "VITAE_LOG_LEVEL": "warning"}
     port = free_port()
     service_env = env | {
         "VITAE_ARTIFACTS": str(artifacts),
         "VITAE_AUTO_EXPORT": "false",
-        "VITAE_BACKEND": "onnxruntime",
+        "VITAE_BACKEND": "auto",
         "VITAE_DEVICE": "cpu",
+        "VITAE_CPU_PRECISION": args.cpu_precision,
         "VITAE_HOST": "127.0.0.1",
         "VITAE_PORT": str(port),
-        "VITAE_MAX_BATCH_SIZE": str(service_batch),
+        # Batches beyond the engine's best size add latency and no throughput, so that is the service's cap.
+        "VITAE_MAX_BATCH_SIZE": str(best_batch),
         "VITAE_MAX_DELAY_MS": str(args.max_delay_ms),
-        "VITAE_THREADS": str(args.threads),
-        "VITAE_INT8_CPU": "false",
         "VITAE_QUEUE_CAPACITY": "4096",
-        "VITAE_REQUEST_TIMEOUT_S": "120",
+        "VITAE_REQUEST_TIMEOUT_S": "300",
     }
-    print(f"service (python -m service, max batch {service_batch}, max delay {args.max_delay_ms} ms)")
-    service = measure_server(
-        "service",
-        [sys.executable, "-m", "service"],
-        service_env,
-        port,
-        jpegs,
-        levels,
-        args.requests,
-        workdir / "service.log",
-    )
+    url = f"http://127.0.0.1:{port}"
+    print(f"service (python -m service, max batch {best_batch}, max delay {args.max_delay_ms} ms)")
+    process = start([sys.executable, "-m", "service"], service_env, port, workdir / "service.log", "/readyz")
+    try:
+        ready = httpx.get(f"{url}/readyz").json()
+        print(f"  serving with {ready['backend']} on {ready['device']} in {ready['precision']}")
+        service = measure("service cam=false", url, jpegs, c, total, raw_jpeg("/classify"), process)
+        cam = measure("service cam=true", url, jpegs, c, total, raw_jpeg("/classify", cam="true"), process)
+    finally:
+        stop(process)
+
+    # ---- the plain export behind a naive endpoint, then behind LitServe
     port = free_port()
     naive_command = [
         sys.executable,
         "-c",
         "import sys, uvicorn; sys.path.insert(0, 'benchmarks'); from bench_service import naive_app; "
-        f"uvicorn.run(naive_app({str(artifacts)!r}, {args.threads}), host='127.0.0.1', port={port}, "
+        f"uvicorn.run(naive_app({str(artifacts)!r}, {str(plain)!r}), host='127.0.0.1', port={port}, "
         "log_level='warning')",
     ]
-    print("naive FastAPI endpoint (one inference per request)")
-    naive = measure_server("naive", naive_command, env, port, jpegs, levels, args.requests, workdir / "naive.log")
+    print("naive FastAPI endpoint (plain export, one session.run per request)")
+    process = start(naive_command, env, port, workdir / "naive.log", "/readyz")
+    try:
+        naive = measure("naive endpoint", f"http://127.0.0.1:{port}", jpegs, c, total, raw_jpeg("/classify"), process)
+    finally:
+        stop(process)
 
+    litserve = None
+    if ls is None:
+        print("LitServe: not installed (pip install -e '.[bench]'); skipped")
+    else:
+        port = free_port()
+        lit_command = [
+            sys.executable,
+            "-c",
+            "import sys; sys.path.insert(0, 'benchmarks'); from bench_service import run_litserve; "
+            f"run_litserve({str(artifacts)!r}, {str(plain)!r}, {port}, {best_batch}, {args.max_delay_ms / 1000})",
+        ]
+        print(f"LitServe (plain export, max batch {best_batch}, batch timeout {args.max_delay_ms} ms)")
+        process = start(lit_command, env, port, workdir / "litserve.log", "/health")
+        try:
+            litserve = measure("LitServe", f"http://127.0.0.1:{port}", jpegs, c, total, multipart("/predict"), process)
+        finally:
+            stop(process)
+
+    # ---- the table
     print()
-    print(
-        f"ViTAE-T 224, ONNX Runtime CPU, {os.cpu_count()} cores; raw backend best: "
-        f"{raw[best_batch]:.1f} images/s at batch {best_batch}"
-    )
-    print(
-        "| concurrency | service img/s | p50 ms | p95 ms | p99 ms | % of raw | naive img/s | p50 ms | p95 ms | p99 ms |"
-    )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for c in levels:
-        s, n = service[c], naive[c]
-        print(
-            f"| {c} | {s['images_per_s']:.1f} | {s['p50']:.0f} | {s['p95']:.0f} | {s['p99']:.0f} | "
-            f"{100 * s['images_per_s'] / raw[best_batch]:.0f}% | {n['images_per_s']:.1f} | {n['p50']:.0f} | "
-            f"{n['p95']:.0f} | {n['p99']:.0f} |"
-        )
+    print(f"ViTAE-T 224, {os.cpu_count()} CPU cores, {c} concurrent clients, real JPEGs; one run")
+    print("| what | images/s | p50 ms | p95 ms | server CPU ms/image |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    print(f"| raw engine: {engine.name} {engine.precision}, best batch {best_batch} | {raw[best_batch]:.1f} | | | |")
+    print(f"| raw ONNX Runtime fp32 on model.onnx, best batch | {max(ort_raw.values()):.1f} | | | |")
+    rows = [("this service, cam=false", service), ("this service, cam=true", cam), ("naive endpoint", naive)]
+    if litserve is not None:
+        rows.append(("LitServe", litserve))
+    for name, r in rows:
+        print(f"| {name} | {r['images_per_s']:.1f} | {r['p50']:.0f} | {r['p95']:.0f} | {r['cpu_ms_per_image']:.0f} |")
+    print()
+    ratios = {
+        "service / naive endpoint": service["images_per_s"] / naive["images_per_s"],
+        "service / LitServe": None if litserve is None else service["images_per_s"] / litserve["images_per_s"],
+        "service / its raw engine": service["images_per_s"] / raw[best_batch],
+        "service cam=true / cam=false": cam["images_per_s"] / service["images_per_s"],
+    }
+    for name, ratio in ratios.items():
+        if ratio is None:
+            print(f"{name:30s}   n/a  (goal >= {GOALS[name]:.2f})")
+        else:
+            verdict = "met" if ratio >= GOALS[name] else "NOT met"
+            print(f"{name:30s} {ratio:5.2f}  (goal >= {GOALS[name]:.2f}: {verdict})")
+    cpu_ratio = service["cpu_ms_per_image"] / cam["cpu_ms_per_image"]
+    print(f"{'server CPU/image cam=false / cam=true':30s} {cpu_ratio:5.2f}  (the cam cost without the load's noise)")
     return 0
 
 

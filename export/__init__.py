@@ -4,8 +4,8 @@
 would change anything. `export.artifacts` is the contract the service reads: the file and tensor names and
 `ArtifactsMetadata` (metadata.json typed, versioned and validated, with `plan_fits_here()`).
 
-Owns: the artifacts folder and its `metadata.json`, the ONNX graph, parity checks, the TensorRT plan, int8
-quantisation and the Triton repository.
+Owns: the artifacts folder and its `metadata.json`, the ONNX graph, parity checks, the TensorRT plan, the CPU
+bf16 check and the Triton repository.
 May import: `model`; never `service`.
 
 The pipeline (torch, onnx) is imported on first use, so that the service can read the contract

@@ -27,7 +27,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default=DEFAULT_OUT, help="artifacts folder (the service's default)")
     parser.add_argument("--max-batch", type=int, default=32, help="largest batch the artifacts must serve")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp16", help="TensorRT engine precision")
-    parser.add_argument("--int8-cpu", action="store_true", help="also try an ONNX Runtime int8 model")
     parser.add_argument("--triton-repo", help="also write a Triton model repository here (the ONNX model)")
     parser.add_argument(
         "--triton-plan",
@@ -51,7 +50,6 @@ def main(argv: list[str] | None = None) -> int:
             num_classes=args.num_classes,
             max_batch=args.max_batch,
             precision=args.precision,
-            int8_cpu=args.int8_cpu,
             triton_repo=args.triton_repo,
             triton_plan=args.triton_plan,
             force=args.force,
@@ -63,12 +61,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     meta = ArtifactsMetadata.from_dict(written)
     print(f"{meta.name} {meta.version}: {', '.join(meta.files.values())} in {args.out}")
-    int8 = meta.int8
-    if int8:
+    bf16 = meta.cpu_bf16 or {}
+    verdict = {True: "safe", False: "unsafe", None: "not measured"}[bf16.get("safe")]
+    print(f"CPU bf16 {verdict} ({bf16.get('reason')})")
+    if bf16.get("safe") is not None:
         print(
-            f"int8 {'kept' if int8['kept'] else 'discarded'} ({int8['reason']}): "
-            f"{int8['int8_images_per_s']} vs fp32 {int8['fp32_images_per_s']} images/s, "
-            f"top-1 {int8['int8_top1']} vs fp32 {int8['fp32_top1']}"
+            f"  top-1 agreement {bf16['top1_agreement']} %, max logit diff {bf16['max_logit_diff']} "
+            f"on {bf16['inputs']}; top-1 bf16 {bf16['bf16_top1']} vs fp32 {bf16['fp32_top1']}; "
+            f"{bf16['bf16_images_per_s']} vs fp32 {bf16['fp32_images_per_s']} images/s"
         )
     return 0
 

@@ -23,7 +23,7 @@ FORMAT = f"vitae-artifacts/{SCHEMA_VERSION}"
 METADATA = "metadata.json"
 
 # File names in an artifacts folder, and the keys of `files` that name them.
-ONNX, ONNX_INT8, WEIGHTS, HEAD = "model.onnx", "model_int8.onnx", "model.safetensors", "head.safetensors"
+ONNX, WEIGHTS, HEAD = "model.onnx", "model.safetensors", "head.safetensors"
 PLAN, LAYERS, TIMING_CACHE = "model.plan", "layers.json", "timing.cache"
 
 # The served graph's tensors: normalised images in; logits (B, K) and last-cell tokens (B, N, D) out.
@@ -60,9 +60,9 @@ class ArtifactsMetadata:
     grid: list[int]  # [H, W] of the last cell's token grid
     inputs: list[dict[str, Any]]  # [{"name", "dtype", "shape"}], batch dim -1
     outputs: list[dict[str, Any]]
-    files: dict[str, str]  # role ("onnx", "weights", "head", "onnx_int8", "plan", "layers") -> file name
+    files: dict[str, str]  # role ("onnx", "weights", "head", "plan", "layers") -> file name
     checksums: dict[str, str]  # file name -> sha256
-    settings: dict[str, Any]  # the export options: max_batch, precision, opset, int8_cpu
+    settings: dict[str, Any]  # the export options: max_batch, precision, opset
     format: str = FORMAT
     variant: str | None = None
     class_names_source: str | None = None
@@ -70,7 +70,7 @@ class ArtifactsMetadata:
     checkpoint: dict[str, Any] | None = None  # {"path", "sha256"}
     fingerprint: str | None = None
     parity: dict[str, Any] | None = None
-    int8: dict[str, Any] | None = None
+    cpu_bf16: dict[str, Any] | None = None  # OpenVINO bf16 against fp32 on this CPU (export.precision)
     tensorrt: dict[str, Any] | None = None  # what the plan is tied to: version, gpu_name, compute_capability, ...
     versions: dict[str, Any] | None = None
     exported_at: str | None = None

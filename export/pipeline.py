@@ -1,9 +1,9 @@
-"""The export stage end to end: checkpoint -> checked ONNX (+ weights, head, int8, TensorRT) + metadata.json.
+"""The export stage end to end: checkpoint -> checked ONNX (+ weights, head, bf16 check, TensorRT) + metadata.json.
 
 Everything is built in a staging folder inside `out` and swapped in only when every step passed, so a
 failing export leaves `out` as it was; `out` itself is never renamed (it may be a mount point, see staging.py).
 The steps of `_build`, in order: ONNX (fold BatchNorm, export in the FP16-range form, check the graph), parity
-against PyTorch, weights and head, int8 (when asked), TensorRT and its parity with fp32 (when it can run
+against PyTorch, weights and head, the CPU bf16 check (OpenVINO), TensorRT and its parity with fp32 (when it can run
 here), metadata.json.
 """
 
@@ -38,7 +38,6 @@ from .artifacts import (
     LAYERS,
     METADATA,
     ONNX,
-    ONNX_INT8,
     OUTPUT_NAMES,
     PLAN,
     TIMING_CACHE,
@@ -48,10 +47,10 @@ from .artifacts import (
 from .fold import fold_batchnorms
 from .graph import check_graph
 from .inputs import model_inputs
-from .int8 import evaluate_int8, quantize
 from .labels import labels_digest
 from .onnx_export import INPUT_NAME, OPSET, export_onnx, token_count
 from .parity import TOLERANCE_FP32, check_parity
+from .precision import measure_bf16, openvino_version, this_cpu_has_native_bf16
 from .source import Source, load_source, sha256_file
 from .staging import foreign_entries, make_staging, swap_in
 from .triton import MODEL_NAME, plan_model_name, write_repository
@@ -61,8 +60,10 @@ log = logging.getLogger(__name__)
 __all__ = ["FORMAT", "PRECISIONS", "ExportOptions", "artifacts_are_fresh", "check_graph", "export_artifacts"]
 
 # Bump when a change to this package changes what it writes, so older artifacts count as stale.
-EXPORT_REVISION = 3  # 2: class names for released weights (ImageNet-1k), class_names_source, wordnet_ids
+# 2: class names for released weights (ImageNet-1k), class_names_source, wordnet_ids
 # 3: the Performer in its FP16-range form, engine parity
+# 4: cpu_bf16 (OpenVINO bf16 against fp32) instead of int8 and model_int8.onnx
+EXPORT_REVISION = 4
 PRECISIONS = ("fp16", "fp32")
 
 
@@ -78,7 +79,6 @@ class ExportOptions:
     num_classes: int | None = None
     max_batch: int = 32
     precision: str = "fp16"
-    int8_cpu: bool = False
     triton_repo: Path | None = None
     triton_plan: bool = False
     force: bool = False
@@ -94,7 +94,7 @@ class ExportOptions:
 
     def settings(self) -> dict[str, Any]:
         """The options that shape the artifacts, as metadata.json records them."""
-        return {"max_batch": self.max_batch, "precision": self.precision, "opset": OPSET, "int8_cpu": self.int8_cpu}
+        return {"max_batch": self.max_batch, "precision": self.precision, "opset": OPSET}
 
     def fingerprint(self, checkpoint: Path, checkpoint_sha: str) -> str:
         """What the artifacts are a function of: the checkpoint (weights and its JSON), the request, the exporter."""
@@ -134,6 +134,8 @@ def _artifacts_staleness(out: Path, fingerprint: str) -> str | None:
         path = out / name
         if not path.is_file() or sha256_file(path) != meta.checksums.get(name):
             return f"{name} is missing or was modified"
+    if (meta.cpu_bf16 or {}).get("safe") is None and openvino_version() and this_cpu_has_native_bf16():
+        return "bf16 was not measured where the export ran, and this CPU has native bf16"
     return meta.plan_outdated_here()
 
 
@@ -170,7 +172,7 @@ def export_artifacts(
     """Build the serving artifacts of `checkpoint` in `out` (unless they are current) and return their metadata.
 
     Options as an `ExportOptions` or as its fields by keyword: variant, num_classes, max_batch=32,
-    precision="fp16", int8_cpu=False, triton_repo, triton_plan=False, force=False, labels.
+    precision="fp16", triton_repo, triton_plan=False, force=False, labels.
 
     Raises FileNotFoundError, model.CheckpointError (naming the offending keys), ValueError for bad options,
     export.parity.ParityError or export.graph.GraphCheckError; in every case `out` is left untouched.
@@ -239,9 +241,9 @@ def _build(source: Source, options: ExportOptions, staging: Path, previous: Path
     _onnx_step(model, staging)
     parity, images = _parity_step(model, staging, options.max_batch)
     _weights_step(model, staging)
-    int8 = _int8_step(model, staging, images, files) if options.int8_cpu else None
+    cpu_bf16 = _bf16_step(source, staging, images)
     tensorrt = _tensorrt_step(model, options, staging, previous, files, parity_images=(images, parity["inputs"]))
-    return _metadata(source, options, staging, files, parity=parity, int8=int8, tensorrt=tensorrt)
+    return _metadata(source, options, staging, files, parity=parity, cpu_bf16=cpu_bf16, tensorrt=tensorrt)
 
 
 def _onnx_step(model: ViTAE, staging: Path) -> None:
@@ -270,28 +272,23 @@ def _weights_step(model: ViTAE, staging: Path) -> None:
         save_file({k: v.detach().contiguous() for k, v in head.items()}, str(staging / HEAD))
 
 
-def _int8_step(model: ViTAE, staging: Path, images: np.ndarray, files: dict[str, str]) -> dict[str, Any]:
-    """Quantise, measure, and keep the int8 model (adding it to `files`) only when it earns its place."""
-    cfg = model.config
-    with step("int8 CPU model"):
-        quantize(staging / ONNX, staging / ONNX_INT8)
-        report = evaluate_int8(
-            staging / ONNX, staging / ONNX_INT8, cfg.preprocessing, num_classes=cfg.num_classes, speed_batch=images
-        )
+def _bf16_step(source: Source, staging: Path, images: np.ndarray) -> dict[str, Any]:
+    """OpenVINO bf16 against fp32 on this CPU (export.precision): the service serves bf16 only where it is safe."""
+    with step("bf16 against fp32 on this CPU (OpenVINO)"):
+        report = measure_bf16(staging / ONNX, source.model.config.preprocessing, source.class_names, images)
         log.info(
-            "int8: %.1f vs fp32 %.1f images/s; top-1 int8 %s vs fp32 %s on %d test images -> %s (%s)",
-            report.int8_images_per_s,
-            report.fp32_images_per_s,
-            report.int8_top1,
-            report.fp32_top1,
-            report.eval_images,
-            "kept" if report.kept else "discarded",
+            "bf16: %s (%s); top-1 agreement %s %%, max logit diff %s on %s; top-1 bf16 %s vs fp32 %s; "
+            "%s vs fp32 %s images/s",
+            {True: "safe", False: "unsafe", None: "not measured"}[report.safe],
             report.reason,
+            report.top1_agreement,
+            report.max_logit_diff,
+            report.inputs or "-",
+            report.bf16_top1,
+            report.fp32_top1,
+            report.bf16_images_per_s,
+            report.fp32_images_per_s,
         )
-        if report.kept:
-            files["onnx_int8"] = ONNX_INT8
-        else:
-            (staging / ONNX_INT8).unlink()
     return dataclasses.asdict(report)
 
 
@@ -358,6 +355,7 @@ def _metadata(
             "torch": torch.__version__,
             "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__,
+            "openvino": openvino_version(),
             "tensorrt": trt_step.tensorrt_version(),
         },
         exported_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

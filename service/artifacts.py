@@ -149,9 +149,9 @@ def ensure_artifacts(settings: Settings) -> ServedModel:
     explicit = "checkpoint" in settings.model_fields_set
     ours = not found or explicit or _same_file(exported_from, checkpoint)
     if settings.auto_export and ours and checkpoint.is_file():
-        # Keep the options the folder was exported with (int8, precision, ...); a fresh folder gets ours.
+        # Keep the options the folder was exported with (precision, ...); a fresh folder gets ours.
         options = dict(existing.settings if existing else {}, max_batch=settings.max_batch_size)
-        options = {k: options[k] for k in ("max_batch", "precision", "int8_cpu") if k in options}
+        options = {k: options[k] for k in ("max_batch", "precision") if k in options}
         if existing and existing.class_names_source == "labels" and _same_file(exported_from, checkpoint):
             options["labels"] = existing.class_names  # names given with --labels outlive a re-export
         _export_if_needed(checkpoint, folder, options, have_existing=found)

@@ -6,7 +6,7 @@
                      steps 3-5 run `service.dispatch.within_deadline` (504 past VITAE_REQUEST_TIMEOUT_S)
 4. infer             `service.dispatch.infer`: through the classify batcher (and the Grad-CAM batcher for an
                      earlier cell); 504 at the deadline, 499 on disconnect, 503 when the queue is full
-5. shape_result      logits -> top-k, CAM -> PNGs, timings -> the response model
+5. shape_result      logits -> top-k, CAM -> pictures, timings -> the response model
 """
 
 from __future__ import annotations
@@ -132,12 +132,14 @@ def ms(seconds: float) -> float:
 async def shape_result(
     state: ServiceState, served: ServedModel, image: PreparedImage, answer: Answer, k: int, arrived: float
 ) -> ClassifyResult:
-    """One image's response: its top-k, its CAM rendered to PNGs (in the decode pool), its timings."""
+    """One image's response: its top-k, its CAM rendered to pictures (in the decode pool), its timings."""
     cam = None
     if answer.cam_raw is not None:
         loop = asyncio.get_running_loop()
-        pngs = await loop.run_in_executor(state.pool, render_cam, normalize_cam(answer.cam_raw), image.original)
-        cam = CamOut(class_index=answer.cam_class, label=served.class_names[answer.cam_class], **vars(pngs))
+        pictures = await loop.run_in_executor(
+            state.pool, render_cam, normalize_cam(answer.cam_raw), image.original, state.settings.cam_max_side
+        )
+        cam = CamOut(class_index=answer.cam_class, label=served.class_names[answer.cam_class], **vars(pictures))
     outcome = answer.outcome
     return ClassifyResult(
         model=ModelInfo(name=served.name, version=served.version),

@@ -26,7 +26,7 @@ import numpy as np
 from fastapi import FastAPI
 
 from .artifacts import ServedModel, ensure_artifacts
-from .backends import Backend, select_backend
+from .backends import Backend, precision_of, select_backend
 from .batcher import Batcher
 from .gradcam import AutogradGradCAM
 from .inference import ClassifyInput, ClassifyOutput, GradCAMInput, classify_batch, gradcam_batch
@@ -101,7 +101,13 @@ async def _choose_backend(settings: Settings, served: ServedModel, given: Backen
     if given is not None:
         return given, "given by the caller"
     selection = await asyncio.to_thread(
-        select_backend, settings.backend, served, settings.device, settings.threads, settings.int8_cpu
+        select_backend,
+        settings.backend,
+        served,
+        settings.device,
+        settings.threads,
+        settings.cpu_precision,
+        settings.openvino_cache_dir,
     )
     return selection.backend, selection.reason
 
@@ -143,7 +149,7 @@ async def load_model(state: ServiceState, backend: Backend | None = None) -> Non
         started = time.perf_counter()
         served = await asyncio.to_thread(ensure_artifacts, state.settings)
         backend, reason = await _choose_backend(state.settings, served, backend)
-        log.info("backend %s on %s: %s", backend.name, backend.device, reason)
+        log.info("backend %s on %s in %s: %s", backend.name, backend.device, precision_of(backend), reason)
         state.runtime = await _start_runtime(state, served, backend, reason)
         state.metrics.backend.labels(backend.name, backend.device).set(1)
         if state.status is Status.LOADING:

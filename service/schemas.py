@@ -21,12 +21,12 @@ class CamOut(BaseModel):
     label: str
     grid: list[list[float]] = Field(description="the raw map on the cell's token grid (h x w), ReLU'd, min-max 0..1")
     width: int = Field(
-        description="width of the PNGs: the original image's, scaled down with the height to fit VITAE_CAM_MAX_SIDE "
-        "(512 by default) on the longer side"
+        description="width of both pictures: the original image's, scaled down with the height to fit "
+        "VITAE_CAM_MAX_SIDE (256 by default) on the longer side; scale them up to the photo on the client"
     )
-    height: int = Field(description="height of the PNGs: the original image's, scaled down like the width")
-    heatmap_png: str = Field(description="base64 PNG, colour-mapped heatmap at width x height")
-    overlay_png: str = Field(description="base64 PNG, heatmap blended over the image at width x height")
+    height: int = Field(description="height of both pictures: the original image's, scaled down like the width")
+    heatmap_png: str = Field(description="base64 PNG (palette), the jet colour-mapped heatmap at width x height")
+    overlay_jpeg: str = Field(description="base64 JPEG, the heatmap blended half and half over the image")
 
 
 class TimingOut(BaseModel):
@@ -76,7 +76,7 @@ EXAMPLE_RESULT = {
         "width": 28,
         "height": 28,
         "heatmap_png": "iVBORw0KGgo...",
-        "overlay_png": "iVBORw0KGgo...",
+        "overlay_jpeg": "/9j/4AAQSkZJRg...",
     },
     "timing_ms": {"queue": 2.1, "inference": 3.4, "total": 7.9},
 }

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-Backend = Literal["auto", "tensorrt", "onnxruntime", "torch"]
+Backend = Literal["auto", "tensorrt", "openvino", "onnxruntime", "torch"]
 
 
 class Settings(BaseSettings):
@@ -24,7 +24,14 @@ class Settings(BaseSettings):
     auto_export: bool = Field(True, description="Run the export stage at start when artifacts are missing or stale.")
     backend: Backend = Field("auto", description="Inference backend: auto picks the fastest available one.")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
-    int8_cpu: bool = Field(True, description="On CPU, serve model_int8.onnx when the export kept one.")
+    cpu_precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto",
+        description="OpenVINO's precision on CPU: auto = bf16 where the CPU has native bf16 and the export measured "
+        "it as safe, else fp32; bf16 is refused (the service does not start) when either is not so.",
+    )
+    openvino_cache_dir: Path | None = Field(
+        None, description="Compiled-model cache of the openvino backend; default: openvino_cache/ in `artifacts`."
+    )
     max_batch_size: int = Field(32, ge=1, le=4096, description="Largest batch the batcher sends to the backend.")
     max_delay_ms: float = Field(
         5.0, ge=0, description="Longest time the oldest queued request waits for a batch to fill, in ms."
@@ -35,7 +42,10 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1, description="Largest decoded image, width x height (else 413).")
     max_files: int = Field(64, ge=1, description="Most images in one request (multipart parts, or a v2 batch).")
     cam_max_side: int = Field(
-        512, ge=16, description="CAM PNGs are drawn at most this many pixels on the longer side (aspect kept)."
+        256,
+        ge=16,
+        description="The CAM heatmap PNG and overlay JPEG are drawn at most this many pixels on the longer side "
+        "(aspect kept): their cost stays a few ms whatever the upload's size.",
     )
     max_header_bytes: int = Field(
         32 * 1024,

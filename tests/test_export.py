@@ -19,12 +19,12 @@ from safetensors.torch import load_file
 from support.checkpoints import DEMO_CHECKPOINT, FIXTURES, ROOT, SHARED_REFERENCE
 from tritonclient.grpc import model_config_pb2
 
-import export.int8
 from export import artifacts_are_fresh, export_artifacts
 from export.fold import fold_batchnorms
 from export.graph import GraphCheckError, find_prm_blocks, op_counts
 from export.inputs import fashion_mnist_test, model_inputs
 from export.parity import ParityError, check_parity, cpu_session
+from export.precision import STAND_IN_IMAGES, this_cpu_has_native_bf16, verdict
 from export.source import sha256_file
 from export.tensorrt import plan_matches_this_machine, unavailable_reason
 from model import CheckpointError, ViTAE, ViTAEConfig
@@ -48,6 +48,7 @@ METADATA_KEYS = {
     "checkpoint",
     "settings",
     "parity",
+    "cpu_bf16",
     "tensorrt",
     "versions",
     "exported_at",
@@ -83,9 +84,9 @@ def test_artifacts_folder_has_the_documented_layout(tiny_export, tiny_checkpoint
         {"name": "logits", "dtype": "float32", "shape": [-1, 10]},
         {"name": "tokens", "dtype": "float32", "shape": [-1, 16, 32]},
     ]
-    assert meta["settings"] == {"max_batch": MAX_BATCH, "precision": "fp16", "opset": 20, "int8_cpu": False}
+    assert meta["settings"] == {"max_batch": MAX_BATCH, "precision": "fp16", "opset": 20}
     assert meta["files"] == {"onnx": "model.onnx", "weights": "model.safetensors", "head": "head.safetensors"}
-    assert set(meta["versions"]) == {"torch", "onnx", "onnxruntime", "tensorrt"}
+    assert set(meta["versions"]) == {"torch", "onnx", "onnxruntime", "openvino", "tensorrt"}
     for name in meta["files"].values():
         assert (out / name).is_file()
     if unavailable_reason() is not None:
@@ -270,24 +271,35 @@ def test_triton_config_agrees_with_the_onnx_model(tiny_export):
     assert triton_io(config.output) == onnx_io(graph.output)
 
 
-def test_int8_cpu_reports_both_figures_and_keeps_the_model_only_when_it_qualifies(
-    tiny_checkpoint, tmp_path, monkeypatch
-):
+def test_bf16_check_records_its_figures_and_a_verdict_by_the_rule(tiny_export):
+    _, meta, _ = tiny_export
+    bf16 = meta["cpu_bf16"]
+    if not this_cpu_has_native_bf16():
+        assert bf16["safe"] is None and "no native bf16" in bf16["reason"]
+        return
     test_set = fashion_mnist_test()
-    if test_set is not None:  # the first 2000 test images keep this test quick; the CLI evaluates all 10000
-        monkeypatch.setattr(export.int8, "fashion_mnist_test", lambda: (test_set[0][:2000], test_set[1][:2000]))
-    meta = export_artifacts(tiny_checkpoint, tmp_path / "out", max_batch=8, int8_cpu=True)
-    int8 = meta["int8"]
-    assert int8["fp32_images_per_s"] > 0 and int8["int8_images_per_s"] > 0
-    qualifies = (
-        int8["fp32_top1"] is not None
-        and int8["int8_images_per_s"] > int8["fp32_images_per_s"]
-        and int8["fp32_top1"] - int8["int8_top1"] <= 0.5
-    )
-    assert int8["kept"] == qualifies
-    assert ("onnx_int8" in meta["files"]) == qualifies == (tmp_path / "out" / "model_int8.onnx").is_file()
-    if test_set is not None:
-        assert int8["eval_images"] == 2000
+    assert bf16["images"] == (10_000 if test_set is not None else STAND_IN_IMAGES)
+    assert bf16["fp32_images_per_s"] > 0 and bf16["bf16_images_per_s"] > 0 and bf16["max_logit_diff"] >= 0
+    if test_set is not None:  # the tiny model is a Fashion-MNIST classifier: labelled figures too
+        assert 0 <= bf16["fp32_top1"] <= 100 and 0 <= bf16["bf16_top1"] <= 100
+    assert bf16["safe"] == verdict(bf16["top1_agreement"], bf16["fp32_top1"], bf16["bf16_top1"], True)[0]
+
+
+def test_bf16_verdict_needs_agreement_and_at_most_0_2_points_of_top1_lost():
+    assert verdict(99.9, 92.94, 92.89, True) == (True, verdict(100.0, None, None, True)[1])
+    assert verdict(98.9, None, None, True)[0] is False
+    safe, why = verdict(99.5, 92.9, 92.6, True)
+    assert not safe and "loses 0.30 points" in why
+    assert verdict(100.0, None, None, False) == (False, "bf16 produced non-finite logits")
+
+
+def test_native_bf16_is_needed_to_measure(monkeypatch, tiny_export):
+    import export.precision
+
+    out, _, _ = tiny_export
+    monkeypatch.setattr(export.precision, "this_cpu_has_native_bf16", lambda: False)
+    report = export.precision.measure_bf16(out / "model.onnx", None, [], speed_batch=np.zeros(0))
+    assert report.safe is None and "no native bf16" in report.reason and report.images == 0
 
 
 def test_plan_check_refuses_artifacts_without_a_matching_plan():

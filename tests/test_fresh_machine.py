@@ -109,7 +109,7 @@ def test_the_serve_command_becomes_ready_and_classifies_with_no_dataset_and_no_a
         assert response.status_code == 200, response.text
         result = response.json()
         assert len(result["predictions"]) == 3
-        assert result["cam"]["overlay_png"]
+        assert result["cam"]["overlay_jpeg"]
         meta = json.loads((tmp_path / "artifacts" / "metadata.json").read_text())
         assert "Fashion-MNIST" not in json.dumps(meta["parity"])
     finally:

@@ -27,6 +27,6 @@ def test_onnx_runtime_on_cuda_runs_on_the_gpu_and_matches_cpu(tiny_checkpoint, t
     # the backend must report that, not "cuda:0".
     assert "CUDAExecutionProvider" in gpu.session.get_providers(), gpu.session.get_providers()
     assert gpu.device == "cuda:0"
-    cpu = OnnxRuntimeBackend(served, gpu=False, device="cpu", int8=False)
+    cpu = OnnxRuntimeBackend(served, gpu=False, device="cpu")
     images, _ = model_inputs(Preprocessing.from_dict(meta["preprocessing"]), 4)
     assert np.abs(gpu.infer(images)[0] - cpu.infer(images)[0]).max() <= 1e-3

@@ -107,10 +107,10 @@ def test_cam_off_by_default_and_on_when_asked(url):
     grid = np.array(cam["grid"])
     assert grid.shape == (4, 4)
     assert grid.min() == 0.0 and grid.max() == pytest.approx(1.0)
-    assert (cam["width"], cam["height"]) == (40, 30)
-    for key in ("heatmap_png", "overlay_png"):
-        png = decode_png(cam[key])
-        assert png.format == "PNG" and png.size == (40, 30) and png.mode == "RGB"
+    assert (cam["width"], cam["height"]) == (40, 30)  # under VITAE_CAM_MAX_SIDE: the image's own size
+    heatmap, overlay = decode_png(cam["heatmap_png"]), decode_png(cam["overlay_jpeg"])
+    assert (heatmap.format, overlay.format) == ("PNG", "JPEG")
+    assert heatmap.size == overlay.size == (40, 30) and overlay.mode == "RGB"
 
 
 def test_cam_class_by_label_or_index_gives_the_same_map(url):

@@ -1,12 +1,27 @@
-"""Post-processing as pure functions: logits -> top-k, tokens -> CAM, CAM -> colours and PNGs."""
+"""Post-processing as pure functions: logits -> top-k, tokens -> CAM, CAM -> colours and pictures."""
 
 from __future__ import annotations
 
+import base64
+import io
+
 import numpy as np
 import pytest
+from PIL import Image
 from support.images import drawn_image
 
-from service.postprocess import jet, last_cell_cam, normalize_cam, render_cam, softmax, top_k, upsample
+from service.postprocess import (
+    JET_TABLE,
+    fit_within,
+    jet,
+    last_cell_cam,
+    levels,
+    normalize_cam,
+    render_cam,
+    softmax,
+    top_k,
+    upsample,
+)
 
 
 def test_top_k_is_sorted_softmax_with_labels():
@@ -51,8 +66,45 @@ def test_upsampling_is_bilinear_at_the_requested_size():
     assert np.all(np.diff(up[1]) >= 0) and 0.0 <= up.min() and up.max() <= 1.0
 
 
-def test_render_cam_draws_pngs_at_the_original_size():
+def test_render_cam_draws_a_small_image_at_its_own_size():
     images = render_cam(np.eye(4), drawn_image(0, size=(50, 20), mode="L"))
     assert (images.width, images.height) == (50, 20)
     assert images.grid == np.eye(4).tolist()
-    assert images.heatmap_png and images.overlay_png
+    heatmap, overlay = decoded(images.heatmap_png), decoded(images.overlay_jpeg)
+    assert (heatmap.format, overlay.format) == ("PNG", "JPEG")
+    assert heatmap.size == overlay.size == (50, 20)
+
+
+def test_render_cam_caps_the_longer_side_and_keeps_the_aspect():
+    images = render_cam(np.eye(4), drawn_image(0, size=(640, 427), mode="RGB"), max_side=256)
+    assert (images.width, images.height) == (256, 171)
+    assert decoded(images.heatmap_png).size == decoded(images.overlay_jpeg).size == (256, 171)
+
+
+def test_heatmap_png_shows_the_jet_colours_of_the_map():
+    grid = np.array([[0.0, 1.0], [0.0, 1.0]])
+    heatmap = np.asarray(decoded(render_cam(grid, Image.new("RGB", (64, 64))).heatmap_png).convert("RGB"))
+    np.testing.assert_array_equal(heatmap[32, 0], JET_TABLE[0])  # the cold edge: blue
+    np.testing.assert_array_equal(heatmap[32, -1], JET_TABLE[255])  # the hot edge: red
+    assert heatmap[32, 0, 2] > 100 and heatmap[32, -1, 0] > 100
+
+
+def test_overlay_is_the_half_and_half_blend_of_image_and_heatmap():
+    image = drawn_image(5, size=(96, 64), mode="RGB")
+    grid = np.linspace(0, 1, 16).reshape(4, 4)
+    overlay = np.asarray(decoded(render_cam(grid, image).overlay_jpeg), dtype=np.float64)
+    heat = JET_TABLE[levels(grid, image.size)]
+    expected = (np.asarray(image, dtype=np.float64) + heat) / 2
+    assert np.abs(overlay - expected).mean() < 3  # JPEG at quality 90: a few levels of error on average
+
+
+def test_fit_within_scales_down_only():
+    assert fit_within((512, 512), 256) == (256, 256)
+    assert fit_within((400, 640), 256) == (160, 256)
+    assert fit_within((28, 28), 256) == (28, 28)
+
+
+def decoded(b64: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    image.load()
+    return image

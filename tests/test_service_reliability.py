@@ -159,8 +159,8 @@ def test_cam_for_a_huge_image_is_drawn_within_cam_max_side(artifacts):
     with serving(artifacts, cam_max_side=256) as url:
         cam = post(url, big, cam="true").json()["cam"]
     assert (cam["width"], cam["height"]) == (256, 171)
-    for png in (cam["heatmap_png"], cam["overlay_png"]):
-        assert Image.open(io.BytesIO(base64.b64decode(png))).size == (256, 171)
+    for picture in (cam["heatmap_png"], cam["overlay_jpeg"]):
+        assert Image.open(io.BytesIO(base64.b64decode(picture))).size == (256, 171)
 
 
 def disconnect_mid_upload(url: str) -> None:

@@ -31,8 +31,8 @@ def artifacts(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def url(artifacts):
-    # The fp32 model (no int8 on CPU), so that the answers can be held to ONNX Runtime's within 1e-4.
-    with serving(artifacts, max_batch_size=16, int8_cpu=False) as base:
+    # ONNX Runtime fp32 (settings_for's backend), so that the answers can be held to ONNX Runtime's within 1e-4.
+    with serving(artifacts, max_batch_size=16) as base:
         yield base
 
 

@@ -27,6 +27,7 @@ class Backend(Protocol):
 
     name: str
     device: str
+    precision: str  # what the engine computes in: fp32, bf16 (OpenVINO on CPU), fp16 (TensorRT)
 
     def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """images float32 (B, C, S, S), normalised -> logits float32 (B, K), tokens float32 (B, N, D)."""

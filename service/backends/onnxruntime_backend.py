@@ -1,4 +1,4 @@
-"""The ONNX Runtime backend: model.onnx (or the vetted int8 model on CPU), CPU or CUDA execution provider."""
+"""The ONNX Runtime backend: model.onnx on the CPU or CUDA execution provider."""
 
 from __future__ import annotations
 
@@ -15,21 +15,18 @@ log = logging.getLogger(__name__)
 
 
 class OnnxRuntimeBackend:
-    """model.onnx (or the vetted int8 model on CPU) in ONNX Runtime: CUDA EP when asked and present."""
+    """model.onnx in ONNX Runtime: CUDA EP when asked and present."""
 
     name = "onnxruntime"
+    precision = "fp32"
 
-    def __init__(self, served: ServedModel, *, gpu: bool, device: str = "cpu", threads: int = 0, int8: bool = True):
+    def __init__(self, served: ServedModel, *, gpu: bool, device: str = "cpu", threads: int = 0):
         import onnxruntime as ort
 
         available = ort.get_available_providers()
         if gpu and "CUDAExecutionProvider" not in available:
             raise BackendUnavailable(f"ONNX Runtime has no CUDAExecutionProvider (providers: {', '.join(available)})")
         path = served.file("onnx")
-        int8_path = served.file("onnx_int8")
-        if not gpu and int8 and int8_path is not None:
-            # The export keeps an int8 model only when it is faster here and within 0.5 points of top-1.
-            path = int8_path
         if path is None:
             raise BackendUnavailable(f"no ONNX model (files.onnx) in {served.folder}")
         options = ort.SessionOptions()

@@ -36,6 +36,7 @@ class TensorRTBackend:
         from export.tensorrt import PlanRunner
 
         self.device = f"cuda:{gpu_index(device)}"
+        self.precision = str(served.metadata.settings.get("precision", "fp16"))
         try:
             self.runner = PlanRunner(plan.read_bytes(), self.device)
         except Exception as exc:  # CUDA that cannot start raises here (e.g. TypeError, CUDA error 35)

@@ -36,8 +36,8 @@ TopK = Annotated[int | None, Query(alias="top_k", ge=1, description="classes to 
 Cam = Annotated[
     bool,
     Query(
-        description="add a Grad-CAM map and PNGs; the PNGs are the image scaled down to fit VITAE_CAM_MAX_SIDE "
-        "pixels (512 by default) on the longer side, aspect kept: scale them to the original to overlay",
+        description="add a Grad-CAM map, a heatmap PNG and an overlay JPEG; both are the image scaled down to fit "
+        "VITAE_CAM_MAX_SIDE pixels (256 by default) on the longer side, aspect kept: scale them to the original",
         examples=[True],
     ),
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
+from ..backends import precision_of
 from ..dependencies import ApiKeyDep, RuntimeDep, StateDep
 from ..lifecycle import Status
 
@@ -26,7 +27,7 @@ async def readyz(state: StateDep) -> JSONResponse:
     if state.runtime is not None:
         rt = state.runtime
         body |= {"model": rt.served.name, "version": rt.served.version, "backend": rt.backend.name}
-        body |= {"device": rt.backend.device, "reason": rt.reason}
+        body |= {"device": rt.backend.device, "precision": precision_of(rt.backend), "reason": rt.reason}
     if state.error:
         body["detail"] = state.error
     return JSONResponse(body, status_code=200 if state.status is Status.READY else 503)
@@ -40,7 +41,7 @@ async def prometheus_metrics(state: StateDep) -> Response:
 
 @router.get("/model")
 async def model_card(runtime: RuntimeDep, _: ApiKeyDep) -> dict:
-    """What is served: name, version, classes, input size, CAM cells, backend."""
+    """What is served: name, version, classes, input size, CAM cells, backend, device, precision."""
     served = runtime.served
     return {
         "name": served.name,
@@ -51,4 +52,5 @@ async def model_card(runtime: RuntimeDep, _: ApiKeyDep) -> dict:
         "cam_layers": runtime.cam_cells,
         "backend": runtime.backend.name,
         "device": runtime.backend.device,
+        "precision": precision_of(runtime.backend),
     }

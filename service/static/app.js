@@ -316,9 +316,9 @@ function showResult(card, result, roundTripMs) {
     parts.camLabel.textContent = cam.label;
     parts.caption.hidden = false;
     parts.viewControls.hidden = false;
-    if (card.browserCannotShow && cam.overlay_png) {
+    if (card.browserCannotShow && cam.overlay_jpeg) {
       // A format the browser cannot draw (TIFF): the service's own blend stands in for the original.
-      parts.original.src = `data:image/png;base64,${cam.overlay_png}`;
+      parts.original.src = `data:image/jpeg;base64,${cam.overlay_jpeg}`;
       parts.original.hidden = false;
       card.browserCannotShow = false;
     }
