@@ -102,11 +102,11 @@ def plain_export(artifacts: Path, out: Path) -> Path:
     with a dynamic batch and the exporter's defaults; the outputs are the logits only."""
     import torch
 
-    from model import ViTAE, ViTAEConfig, load_weights
+    from model import ViTAE, load_weights
     from service.artifacts import read_artifacts
 
     served = read_artifacts(artifacts)
-    model = load_weights(ViTAE(ViTAEConfig.from_dict(served.metadata["config"])), served.file("weights")).eval()
+    model = load_weights(ViTAE(served.metadata.model_config()), served.file("weights")).eval()
     prep = served.preprocessing
     example = torch.zeros(1, prep.in_chans, prep.img_size, prep.img_size)
     try:
