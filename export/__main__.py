@@ -33,6 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="also put the TensorRT plan in the Triton repository, as a model named after its TensorRT version",
     )
+    parser.add_argument(
+        "--no-tensorrt", action="store_true", help="build no TensorRT plan even where TensorRT and a GPU are present"
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even when the artifacts are current")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     return parser.parse_args(argv)
@@ -54,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             triton_plan=args.triton_plan,
             force=args.force,
             labels=labels,
+            tensorrt=not args.no_tensorrt,
         )
     # CheckpointError, GraphCheckError and LabelsError are ValueErrors, ParityError a RuntimeError.
     except (OSError, ValueError, RuntimeError) as exc:

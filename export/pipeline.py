@@ -73,6 +73,8 @@ class ExportOptions:
 
     `labels` name the classes in index order, replacing the checkpoint's names (see export.labels).
     `triton_plan` also puts the TensorRT plan in the Triton repository (only with `triton_repo`).
+    `tensorrt=False` builds no plan even where one could be built (the service sets it after a plan was refused,
+    so that every later start serves ONNX instead of building the same refused engine again).
     """
 
     variant: str | None = None
@@ -83,6 +85,7 @@ class ExportOptions:
     triton_plan: bool = False
     force: bool = False
     labels: Sequence[str] | None = None
+    tensorrt: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_batch, int) or self.max_batch < 1:
@@ -94,7 +97,7 @@ class ExportOptions:
 
     def settings(self) -> dict[str, Any]:
         """The options that shape the artifacts, as metadata.json records them."""
-        return {"max_batch": self.max_batch, "precision": self.precision, "opset": OPSET}
+        return {"max_batch": self.max_batch, "precision": self.precision, "tensorrt": self.tensorrt, "opset": OPSET}
 
     def fingerprint(self, checkpoint: Path, checkpoint_sha: str) -> str:
         """What the artifacts are a function of: the checkpoint (weights and its JSON), the request, the exporter."""
@@ -136,7 +139,7 @@ def _artifacts_staleness(out: Path, fingerprint: str) -> str | None:
             return f"{name} is missing or was modified"
     if (meta.cpu_bf16 or {}).get("safe") is None and openvino_version() and this_cpu_has_native_bf16():
         return "bf16 was not measured where the export ran, and this CPU has native bf16"
-    return meta.plan_outdated_here()
+    return meta.plan_outdated_here() if meta.settings.get("tensorrt", True) else None
 
 
 def _triton_staleness(out: Path, triton_repo: Path, plan: bool = False) -> str | None:
@@ -305,7 +308,7 @@ def _tensorrt_step(
     The plan is kept only when it agrees with fp32 on the parity images (`parity_images`: the batch and where
     it came from); otherwise EngineParityError fails the export and nothing is written.
     """
-    reason = trt_step.unavailable_reason()
+    reason = trt_step.unavailable_reason() if options.tensorrt else "TensorRT step skipped: turned off (tensorrt=False)"
     if reason is not None:
         log.info(reason)
         return None

@@ -151,7 +151,7 @@ def ensure_artifacts(settings: Settings) -> ServedModel:
     if settings.auto_export and ours and checkpoint.is_file():
         # Keep the options the folder was exported with (precision, ...); a fresh folder gets ours.
         options = dict(existing.settings if existing else {}, max_batch=settings.max_batch_size)
-        options = {k: options[k] for k in ("max_batch", "precision") if k in options}
+        options = {k: options[k] for k in ("max_batch", "precision", "tensorrt") if k in options}
         if existing and existing.class_names_source == "labels" and _same_file(exported_from, checkpoint):
             options["labels"] = existing.class_names  # names given with --labels outlive a re-export
         _export_if_needed(checkpoint, folder, options, have_existing=found)
@@ -171,8 +171,23 @@ def _export_if_needed(checkpoint: Path, folder: Path, options: dict[str, Any], h
         return
     log.info("artifacts in %s are missing or stale: exporting %s", folder, checkpoint)
     try:
-        export.export_artifacts(checkpoint, folder, **options)
+        _export_or_skip_refused_engine(export, checkpoint, folder, options)
     except Exception:
         if not have_existing:
             raise
         log.exception("re-exporting %s failed; serving the artifacts already in %s", checkpoint, folder)
+
+
+def _export_or_skip_refused_engine(export: Any, checkpoint: Path, folder: Path, options: dict[str, Any]) -> None:
+    """Export; when the TensorRT plan is refused (it disagrees with fp32), export again without one.
+
+    The service then serves the ONNX model on the GPU (ONNX Runtime CUDA) instead of not starting, and the
+    artifacts remember `tensorrt=False`, so later starts do not build the same refused engine again.
+    """
+    from export.tensorrt import EngineParityError
+
+    try:
+        export.export_artifacts(checkpoint, folder, **options)
+    except EngineParityError as exc:
+        log.warning("TensorRT plan refused (%s); exporting without one, ONNX Runtime will serve", exc)
+        export.export_artifacts(checkpoint, folder, **(options | {"tensorrt": False}))

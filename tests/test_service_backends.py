@@ -127,3 +127,27 @@ def test_the_default_checkpoint_never_overwrites_another_models_artifacts(
 def test_no_artifacts_and_no_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(ArtifactsError, match="VITAE_ARTIFACTS"):
         ensure_artifacts(Settings(artifacts=tmp_path / "a", checkpoint=tmp_path / "missing.safetensors"))
+
+
+def test_a_refused_tensorrt_plan_leaves_an_onnx_export_that_later_starts_keep(tiny_checkpoint, tmp_path, monkeypatch):
+    """The engine check itself needs a GPU (tests/test_export_gpu.py); here the refusal is raised where the
+    TensorRT step would raise it, and the service's real export then runs again without a plan."""
+    import export
+    from export.tensorrt import EngineParityError
+
+    real_export, calls = export.export_artifacts, []
+
+    def export_refusing_engines(checkpoint, out, **options):
+        calls.append(options.get("tensorrt", True))
+        if options.get("tensorrt", True):
+            raise EngineParityError("top-1 differs from fp32 on 3 of 8 images")
+        return real_export(checkpoint, out, **options)
+
+    monkeypatch.setattr(export, "export_artifacts", export_refusing_engines)
+    settings = Settings(artifacts=tmp_path / "a", checkpoint=tiny_checkpoint, max_batch_size=4)
+    served = ensure_artifacts(settings)
+    assert calls == [True, False]
+    assert served.metadata.settings["tensorrt"] is False
+    version = served.version
+    assert ensure_artifacts(settings).version == version  # fresh as it is: no engine is tried again
+    assert calls == [True, False]
