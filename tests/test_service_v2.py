@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.http as triton
-from support.checkpoints import exported
+from support.checkpoints import FASHION_CLASSES, exported
 from support.images import drawn_image, encode, sample_images
 from support.server import metric, serving
 from tritonclient.utils import InferenceServerException
@@ -231,21 +231,7 @@ def test_classification_extension_answers_the_top_classes_as_strings(client, onn
     for row, expected in zip(top, logits, strict=True):
         score, index, label = row[0].decode().split(":")
         assert int(index) == int(np.argmax(expected)) and float(score) == pytest.approx(expected.max(), abs=1e-4)
-        assert (
-            label
-            == [
-                "T-shirt/top",
-                "Trouser",
-                "Pullover",
-                "Dress",
-                "Coat",
-                "Sandal",
-                "Shirt",
-                "Sneaker",
-                "Bag",
-                "Ankle boot",
-            ][int(index)]
-        )
+        assert label == FASHION_CLASSES[int(index)]
 
 
 def test_request_id_is_echoed(client, onnx):
