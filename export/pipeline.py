@@ -97,7 +97,8 @@ class ExportOptions:
 
     def settings(self) -> dict[str, Any]:
         """The options that shape the artifacts, as metadata.json records them."""
-        return {"max_batch": self.max_batch, "precision": self.precision, "tensorrt": self.tensorrt, "opset": OPSET}
+        settings = {"max_batch": self.max_batch, "precision": self.precision, "opset": OPSET}
+        return settings if self.tensorrt else settings | {"tensorrt": False}  # recorded only when turned off
 
     def fingerprint(self, checkpoint: Path, checkpoint_sha: str) -> str:
         """What the artifacts are a function of: the checkpoint (weights and its JSON), the request, the exporter."""
