@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -218,17 +219,27 @@ def run_litserve(artifacts: str, plain_onnx: str, port: int, max_batch: int, bat
 # ------------------------------------------------------------------ measuring
 
 
+def calls_for(backend, x: np.ndarray, stop: float) -> int:
+    """Calls `backend.infer(x)` until `stop` (time.perf_counter()), at least twice; how many calls ran."""
+    runs = 0
+    while time.perf_counter() < stop or runs < 2:
+        backend.infer(x)
+        runs += 1
+    return runs
+
+
 def raw_engine(backend, pixels: np.ndarray, max_batch: int, label: str) -> dict[int, float]:
+    """Images/s of `backend.infer` at each batch size, with as many calls in flight as it has streams."""
+    streams = getattr(backend, "streams", 1)
     results = {}
-    for batch in sorted({1, 8, 16, max_batch}):
+    for batch in sorted({1, 2, 4, 8, 16, max_batch}):
         x = np.ascontiguousarray(np.resize(pixels, (batch, *pixels.shape[1:])))
         backend.infer(x)
-        runs, started = 0, time.perf_counter()
-        while time.perf_counter() - started < 4.0 or runs < 2:
-            backend.infer(x)
-            runs += 1
+        started = time.perf_counter()
+        with ThreadPoolExecutor(streams) as pool:
+            runs = sum(pool.map(calls_for, [backend] * streams, [x] * streams, [started + 4.0] * streams))
         results[batch] = runs * batch / (time.perf_counter() - started)
-        print(f"  {label} batch {batch:3d}: {results[batch]:7.1f} images/s")
+        print(f"  {label}, {streams} stream(s), batch {batch:3d}: {results[batch]:7.1f} images/s")
     return results
 
 
@@ -367,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--max-delay-ms", type=float, default=10.0)
     parser.add_argument("--cpu-precision", default="auto", help="the service's VITAE_CPU_PRECISION")
+    parser.add_argument("--streams", type=int, default=0, help="the service's VITAE_INFER_STREAMS (0: the backend's)")
     args = parser.parse_args(argv)
     c, total = args.concurrency, max(args.requests, 2 * args.concurrency)
 
@@ -394,12 +406,13 @@ def main(argv: list[str] | None = None) -> int:
 
     served = read_artifacts(artifacts)
     pixels = preprocessed(artifacts, jpegs)
-    selection = select_backend("auto", served, device="cpu", cpu_precision=args.cpu_precision)
+    selection = select_backend("auto", served, device="cpu", cpu_precision=args.cpu_precision, streams=args.streams)
     engine = selection.backend
     print(f"raw engine: {engine.name} {engine.precision} ({selection.reason})")
     raw = raw_engine(engine, pixels, args.max_batch, f"{engine.name} {engine.precision}")
     engine.close()
-    ort_raw = raw_engine(OnnxRuntimeBackend(served, gpu=False), pixels, args.max_batch, "onnxruntime fp32")
+    ort = OnnxRuntimeBackend(served, gpu=False, streams=args.streams)
+    ort_raw = raw_engine(ort, pixels, args.max_batch, "onnxruntime fp32")
     best_batch = max(raw, key=raw.get)
 
     # ---- the service, cam off and on
@@ -411,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         "VITAE_BACKEND": "auto",
         "VITAE_DEVICE": "cpu",
         "VITAE_CPU_PRECISION": args.cpu_precision,
+        "VITAE_INFER_STREAMS": str(args.streams),
         "VITAE_HOST": "127.0.0.1",
         "VITAE_PORT": str(port),
         # Batches beyond the engine's best size add latency and no throughput, so that is the service's cap.
@@ -424,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     process = start([sys.executable, "-m", "service"], service_env, port, workdir / "service.log", "/readyz")
     try:
         ready = httpx.get(f"{url}/readyz").json()
-        print(f"  serving with {ready['backend']} on {ready['device']} in {ready['precision']}")
+        what = f"{ready['backend']} on {ready['device']} in {ready['precision']}, {ready['streams']} stream(s)"
+        print(f"  serving with {what}")
         service = measure("service cam=false", url, jpegs, c, total, raw_jpeg("/classify"), process)
         cam = measure("service cam=true", url, jpegs, c, total, raw_jpeg("/classify", cam="true"), process)
     finally:
@@ -469,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ViTAE-T 224, {os.cpu_count()} CPU cores, {c} concurrent clients, real JPEGs; one run")
     print("| what | images/s | p50 ms | p95 ms | server CPU ms/image |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    print(f"| raw engine: {engine.name} {engine.precision}, best batch {best_batch} | {raw[best_batch]:.1f} | | | |")
+    what = f"{engine.name} {engine.precision}, {engine.streams} stream(s), best batch {best_batch}"
+    print(f"| raw engine: {what} | {raw[best_batch]:.1f} | | | |")
     print(f"| raw ONNX Runtime fp32 on model.onnx, best batch | {max(ort_raw.values()):.1f} | | | |")
     rows = [("this service, cam=false", service), ("this service, cam=true", cam), ("naive endpoint", naive)]
     if litserve is not None:

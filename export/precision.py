@@ -88,21 +88,29 @@ def openvino_version() -> str | None:
 # ---------------------------------------------------------------- compiling and running
 
 
-def compile_cpu(onnx_path: Path, precision: str, *, threads: int = 0, cache_dir: Path | None = None) -> Any:
+def compile_cpu(
+    onnx_path: Path, precision: str, *, threads: int = 0, streams: int = 1, cache_dir: Path | None = None
+) -> Any:
     """model.onnx compiled by OpenVINO's CPU plugin in `precision` (bf16 or fp32) -> ov.CompiledModel.
 
-    LATENCY: one request at a time uses every core for one batch, which is how the service calls it
-    (THROUGHPUT streams only pay off with several requests in flight). With `cache_dir`, a second compile
-    of the same model and options loads the compiled blob instead.
+    streams=1: the LATENCY hint, one request at a time using every core for one batch. streams=N > 1: the
+    THROUGHPUT hint with N streams, each on its share of the cores, for N requests in flight at once;
+    streams=0: the THROUGHPUT hint with the plugin's own stream count (the compiled model's
+    OPTIMAL_NUMBER_OF_INFER_REQUESTS says how many). `threads` caps the threads of all streams together.
+    With `cache_dir`, a second compile of the same model and options loads the compiled blob instead.
     """
     import openvino as ov
 
     if precision not in CPU_PRECISIONS:
         raise ValueError(f"CPU precision must be one of {', '.join(CPU_PRECISIONS)}, got {precision!r}")
+    if streams < 0:
+        raise ValueError(f"streams must be >= 0, got {streams}")
     config: dict[str, Any] = {
         "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
-        "PERFORMANCE_HINT": "LATENCY",
+        "PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT",
     }
+    if streams > 1:
+        config["NUM_STREAMS"] = streams
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     core = ov.Core()

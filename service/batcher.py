@@ -1,19 +1,24 @@
-"""Dynamic batching: one asyncio queue in, batches out to one worker thread, one answer per job.
+"""Dynamic batching: one asyncio queue in, batches out to `workers` worker threads, one answer per job.
 
 A batch is flushed when it holds `max_batch_size` jobs or when its oldest job has waited
-`max_delay_s`. Every submitted job's future is resolved exactly once: with an Outcome, with the
-batch's failure, with DeadlineExceeded, or cancelled by its caller (then it is never computed).
+`max_delay_s`. Up to `workers` batches are computed at once (a backend with several inference streams,
+e.g. OpenVINO's CPU streams); the next batch starts filling only when a worker is free, so jobs that
+arrive while every worker is busy wait in the queue and leave together. Every submitted job's future is
+resolved exactly once: with an Outcome, with the batch's failure, with DeadlineExceeded, or cancelled by its
+caller (then it is never computed).
 Nothing here knows about HTTP, images or models: `run_batch` is any function list -> list.
 
 The path of one image through a batcher:
   1. submit      the route queues a Job (payload, future, deadline); refused at once when the queue is
                  full (QueueFullError) or closing (ShuttingDownError)
-  2. wait        the loop takes the oldest job and waits up to `max_delay_s` from its submission for
-                 more, until `max_batch_size` jobs; cancelled or expired jobs leave uncomputed
-  3. dispatch    the live jobs of the batch go to `run_batch` on the worker thread, in one call
+  2. wait        once a worker is free, the loop takes the oldest job and waits up to `max_delay_s` from
+                 its submission for more, until `max_batch_size` jobs; cancelled or expired jobs leave
+                 uncomputed
+  3. dispatch    the live jobs of the batch go to `run_batch` on a worker thread, in one call
   4. resolve     each future gets its Outcome (result, queue and inference times, batch size), or the
                  batch's BatchFailedError
-  5. close       on shutdown every job still queued is run (steps 2-4 without the delay), then the loop ends
+  5. close       on shutdown every job still queued is run (steps 2-4 without the delay), then the loop
+                 ends once every batch in flight has answered
 """
 
 from __future__ import annotations
@@ -74,7 +79,10 @@ class Job(Generic[P]):
 
 
 class Batcher(Generic[P, R]):
-    """Collects jobs into batches for `run_batch`, which runs on this batcher's own worker thread."""
+    """Collects jobs into batches for `run_batch`, which runs on this batcher's own worker threads.
+
+    With `workers` > 1, `run_batch` is called from that many threads at once and must allow it.
+    """
 
     def __init__(
         self,
@@ -85,21 +93,25 @@ class Batcher(Generic[P, R]):
         capacity: int,
         name: str = "model",
         metrics: Metrics | None = None,
+        workers: int = 1,
     ) -> None:
-        if max_batch_size < 1 or capacity < 1 or max_delay_s < 0:
-            raise ValueError("max_batch_size and capacity must be >= 1 and max_delay_s >= 0")
+        if max_batch_size < 1 or capacity < 1 or workers < 1 or max_delay_s < 0:
+            raise ValueError("max_batch_size, capacity and workers must be >= 1 and max_delay_s >= 0")
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.capacity = capacity
         self.name = name
         self.metrics = metrics
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"vitae-{name}")
+        self.workers = workers
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"vitae-{name}")
+        self._free = asyncio.Semaphore(workers)  # workers not computing a batch
+        self._in_flight: set[asyncio.Task] = set()
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._pending = 0  # submitted jobs not yet dispatched nor left
         self._closing = False
         self._task: asyncio.Task | None = None
-        self._batch_time_s = max(max_delay_s, 0.01)  # running estimate, for Retry-After
+        self._batch_time_s = max(max_delay_s, 0.01)  # running estimate per worker, for Retry-After
 
     @property
     def depth(self) -> int:
@@ -115,7 +127,7 @@ class Batcher(Generic[P, R]):
             self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.name}")
 
     def run_on_worker(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future:
-        """Run a call on the worker thread (warm-up, one-off work) in order with the batches."""
+        """Run a call on a worker thread (warm-up, one-off work) beside the batches."""
         return asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     def submit(self, payload: P, *, timeout_s: float) -> Job[P]:
@@ -123,7 +135,7 @@ class Batcher(Generic[P, R]):
         if not self.accepting:
             raise ShuttingDownError("the service is shutting down and takes no new requests")
         if self._pending >= self.capacity:
-            batches_ahead = self._pending / self.max_batch_size + 1
+            batches_ahead = (self._pending / self.max_batch_size + 1) / self.workers
             raise QueueFullError(self.capacity, max(1, round(batches_ahead * self._batch_time_s + 0.5)))
         loop = asyncio.get_running_loop()
         job = Job(payload, loop.create_future(), deadline=time.monotonic() + timeout_s)
@@ -174,32 +186,45 @@ class Batcher(Generic[P, R]):
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         stopping = False
-        while not stopping:
-            item = await self._queue.get()
-            if item is _STOP:
-                break
-            if not self._alive(item):
-                continue
-            batch = [item]
-            # The flush time is anchored at the oldest job's submission, not at when we got to it.
-            flush_at = loop.time() + max(0.0, self.max_delay_s - (time.monotonic() - item.submitted_at))
-            while len(batch) < self.max_batch_size:
-                if self._queue.empty():
-                    remaining = 0.0 if self._closing else flush_at - loop.time()
-                    if remaining <= 0:
-                        break
-                    try:
-                        item = await asyncio.wait_for(self._queue.get(), remaining)
-                    except TimeoutError:
-                        break
-                else:
-                    item = self._queue.get_nowait()
+        try:
+            while not stopping:
+                await self._free.acquire()  # the batch fills only once a worker can take it
+                item = await self._queue.get()
                 if item is _STOP:
-                    stopping = True
+                    self._free.release()
                     break
-                if self._alive(item):
-                    batch.append(item)
-            await self._execute(batch)
+                if not self._alive(item):
+                    self._free.release()
+                    continue
+                batch = [item]
+                # The flush time is anchored at the oldest job's submission, not at when we got to it.
+                flush_at = loop.time() + max(0.0, self.max_delay_s - (time.monotonic() - item.submitted_at))
+                while len(batch) < self.max_batch_size:
+                    if self._queue.empty():
+                        remaining = 0.0 if self._closing else flush_at - loop.time()
+                        if remaining <= 0:
+                            break
+                        try:
+                            item = await asyncio.wait_for(self._queue.get(), remaining)
+                        except TimeoutError:
+                            break
+                    else:
+                        item = self._queue.get_nowait()
+                    if item is _STOP:
+                        stopping = True
+                        break
+                    if self._alive(item):
+                        batch.append(item)
+                task = loop.create_task(self._execute(batch), name=f"batch-{self.name}")
+                self._in_flight.add(task)
+                task.add_done_callback(self._finished)
+        finally:
+            if self._in_flight:  # close() returns once every batch in flight has answered
+                await asyncio.wait(set(self._in_flight))
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self._in_flight.discard(task)
+        self._free.release()
 
     async def _execute(self, batch: list[Job]) -> None:
         live = [job for job in batch if self._alive(job)]  # a caller may have left while the batch filled

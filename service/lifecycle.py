@@ -26,7 +26,7 @@ import numpy as np
 from fastapi import FastAPI
 
 from .artifacts import ServedModel, ensure_artifacts
-from .backends import Backend, precision_of, select_backend
+from .backends import Backend, precision_of, select_backend, streams_of
 from .batcher import Batcher
 from .gradcam import AutogradGradCAM
 from .inference import ClassifyInput, ClassifyOutput, GradCAMInput, classify_batch, gradcam_batch
@@ -108,11 +108,12 @@ async def _choose_backend(settings: Settings, served: ServedModel, given: Backen
         settings.threads,
         settings.cpu_precision,
         settings.openvino_cache_dir,
+        settings.infer_streams,
     )
     return selection.backend, selection.reason
 
 
-def _batcher(run_batch, settings: Settings, metrics: Metrics, name: str, max_batch: int) -> Batcher:
+def _batcher(run_batch, settings: Settings, metrics: Metrics, name: str, max_batch: int, workers: int = 1) -> Batcher:
     return Batcher(
         run_batch,
         max_batch_size=max_batch,
@@ -120,6 +121,7 @@ def _batcher(run_batch, settings: Settings, metrics: Metrics, name: str, max_bat
         capacity=settings.queue_capacity,
         name=name,
         metrics=metrics,
+        workers=workers,
     )
 
 
@@ -129,7 +131,9 @@ async def _start_runtime(state: ServiceState, served: ServedModel, backend: Back
     max_batch = settings.max_batch_size
     if backend.name == "tensorrt":  # the engine's optimization profile ends at the export's max batch
         max_batch = min(max_batch, served.metadata.max_batch)
-    classifier = _batcher(partial(classify_batch, backend, served), settings, metrics, "classify", max_batch)
+    classifier = _batcher(
+        partial(classify_batch, backend, served), settings, metrics, "classify", max_batch, streams_of(backend)
+    )
     await classifier.run_on_worker(_warm_up, backend, served, max_batch)
     explainer_model = await asyncio.to_thread(_load_explainer, served)
     explainer = None

@@ -75,6 +75,14 @@ class Settings(BaseSettings):
         default_factory=list, description="Comma-separated origins allowed by CORS; empty (default) disables CORS."
     )
     threads: int = Field(0, ge=0, description="Backend intra-op threads; 0 lets the backend decide (all cores).")
+    infer_streams: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Batches computed at once on CPU (OpenVINO streams, concurrent ONNX Runtime runs), each on its "
+        "share of the threads; 0 = the backend's choice (OpenVINO's THROUGHPUT hint; ONNX Runtime: one per core, "
+        "up to 4). 1 = one batch at a time on every core (lowest latency for one request). GPU backends run one.",
+    )
     preprocess_threads: int = Field(0, ge=0, description="Decode/preprocess thread pool size; 0 = min(4, cores).")
     host: str = Field("0.0.0.0", description="Address uvicorn binds.")
     port: int = Field(8000, ge=1, le=65535, description="Port uvicorn binds.")

@@ -155,3 +155,64 @@ def test_close_drains_everything_queued_and_then_refuses():
     results, elapsed = run(scenario())
     assert results == [0, 2, 4, 6, 8]
     assert elapsed < 30  # far below the delay, however loaded the machine
+
+
+# ------------------------------------------------------------------ several workers (inference streams)
+
+
+def test_two_workers_compute_two_batches_at_once():
+    # Each batch waits for the other at the barrier: with one worker the first would wait alone and fail.
+    meeting = threading.Barrier(2, timeout=20)
+
+    def run_batch(items):
+        meeting.wait()
+        return [(x, threading.current_thread().name) for x in items]
+
+    async def scenario():
+        batcher = Batcher(run_batch, max_batch_size=1, max_delay_s=0, capacity=10, workers=2)
+        batcher.start()
+        jobs = [batcher.submit(i, timeout_s=60) for i in range(2)]
+        outcomes = await asyncio.gather(*(job.future for job in jobs))
+        await batcher.close()
+        return outcomes
+
+    outcomes = run(scenario())
+    assert [o.result[0] for o in outcomes] == [0, 1]
+    assert len({o.result[1] for o in outcomes}) == 2  # two worker threads
+
+
+def test_jobs_arriving_while_every_worker_is_busy_leave_together():
+    async def scenario():
+        recorder = Recorder(delay_s=0.4)
+        batcher = Batcher(recorder, max_batch_size=16, max_delay_s=0, capacity=100, workers=2)
+        batcher.start()
+        first = []
+        for i in (0, 1):  # one job each for both workers (no delay: a lone job leaves at once)
+            first.append(batcher.submit(i, timeout_s=60))
+            await asyncio.sleep(0.05)
+        later = [batcher.submit(i, timeout_s=60) for i in range(2, 8)]
+        await asyncio.gather(*(job.future for job in first + later))
+        await batcher.close()
+        return recorder
+
+    recorder = run(scenario())
+    assert sorted(map(sorted, recorder.batches)) == [[0], [1], [2, 3, 4, 5, 6, 7]]
+
+
+def test_close_waits_for_every_batch_in_flight_on_every_worker():
+    async def scenario():
+        recorder = Recorder(delay_s=0.2)
+        batcher = Batcher(recorder, max_batch_size=1, max_delay_s=0, capacity=100, workers=3)
+        batcher.start()
+        jobs = [batcher.submit(i, timeout_s=60) for i in range(7)]
+        await batcher.close()
+        return [job.future.done() and job.future.result().result for job in jobs], recorder
+
+    results, recorder = run(scenario())
+    assert results == [2 * i for i in range(7)]
+    assert len(recorder.threads) == 3
+
+
+def test_workers_must_be_at_least_one():
+    with pytest.raises(ValueError, match="workers"):
+        Batcher(Recorder(), max_batch_size=1, max_delay_s=0, capacity=1, workers=0)

@@ -4,6 +4,7 @@ between bf16 and fp32 follows the CPU and the export's measurement."""
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -122,6 +123,43 @@ def test_the_compiled_model_is_cached_for_the_next_start(served, tmp_path):
     assert sorted((tmp_path / "cache").iterdir()) == sorted(cached)  # loaded, not compiled and written again
 
 
+def infer_from_threads(backend, images: np.ndarray, threads: int, rounds: int = 3) -> list[np.ndarray]:
+    """Logits of `rounds` calls per thread, `threads` threads calling `infer` at once."""
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(lambda _: backend.infer(images)[0], range(threads * rounds)))
+
+
+def test_streams_compute_batches_at_once_and_each_gets_its_own_answer(served, images, reference):
+    backend = OpenVINOBackend(served, precision="fp32", threads=2, streams=2)
+    assert backend.streams == 2
+    halves = (images[:4], images[4:])
+    with ThreadPoolExecutor(2) as pool:  # two streams, different inputs at once: no answer crosses over
+        results = list(pool.map(lambda i: backend.infer(halves[i % 2])[0], range(12)))
+    for i, logits in enumerate(results):
+        expected = reference[0][:4] if i % 2 == 0 else reference[0][4:]
+        assert np.abs(logits - expected).max() <= FP32_TOLERANCE
+
+
+def test_one_stream_is_the_latency_configuration(served, images, reference):
+    backend = OpenVINOBackend(served, precision="fp32", threads=2, streams=1)
+    assert backend.streams == 1
+    assert backend.compiled.get_property("PERFORMANCE_HINT") == "LATENCY"
+    assert np.abs(backend.infer(images)[0] - reference[0]).max() <= FP32_TOLERANCE
+
+
+def test_auto_streams_are_the_plugins_throughput_choice(served):
+    backend = OpenVINOBackend(served, precision="fp32", streams=0)
+    assert backend.compiled.get_property("PERFORMANCE_HINT") == "THROUGHPUT"
+    assert backend.streams == backend.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS") >= 1
+
+
+def test_onnxruntime_streams_share_one_session_and_agree(served, images, reference):
+    backend = OnnxRuntimeBackend(served, gpu=False, threads=2, streams=2)
+    assert backend.streams == 2
+    for logits in infer_from_threads(backend, images, threads=2):
+        assert np.abs(logits - reference[0]).max() <= FP32_TOLERANCE
+
+
 # ------------------------------------------------------------------ choosing the precision
 
 
@@ -219,6 +257,7 @@ def test_readyz_and_model_say_backend_device_and_precision(tiny_checkpoint):
         assert (ready["backend"], ready["device"], ready["precision"]) == ("openvino", "cpu", "fp32")
         card = httpx.get(f"{url}/model").json()
         assert (card["backend"], card["device"], card["precision"]) == ("openvino", "cpu", "fp32")
+        assert ready["streams"] == card["streams"] >= 1
         response = httpx.post(
             f"{url}/classify", params={"cam": "true"}, files=[("file", ("a.png", sample_images(1)[0], "image/png"))]
         )

@@ -2,8 +2,9 @@
 
 `base.py` holds the `Backend` protocol (its lifecycle, numbered) and what every backend shares; one module per
 backend (`torch_backend`, `onnxruntime_backend`, `tensorrt_backend`); this module builds one by name
-(`create_backend`) or picks the fastest that runs here (`select_backend`). Every backend is called from one
-dedicated worker thread only (see batcher.py), so none of them needs its own locking.
+(`create_backend`) or picks the fastest that runs here (`select_backend`). Every backend is called from its
+batcher's worker threads only, at most `backend.streams` at once (see batcher.py): a backend with one stream
+needs no locking, one with several gives each call its own infer request.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ __all__ = [
     "precision_of",
     "select_backend",
     "session_device",
+    "streams_of",
     "wants_gpu",
 ]
 
@@ -44,6 +46,11 @@ BACKENDS = ("tensorrt", "openvino", "onnxruntime", "torch")
 def precision_of(backend: Backend) -> str:
     """What the backend computes in; "unreported" for a caller's backend (create_app(backend=...)) that does not say."""
     return getattr(backend, "precision", "unreported")
+
+
+def streams_of(backend: Backend) -> int:
+    """How many batches the backend computes at once; 1 for a caller's backend that does not say."""
+    return max(1, int(getattr(backend, "streams", 1)))
 
 
 @dataclass(frozen=True)
@@ -59,11 +66,13 @@ def create_backend(
     threads: int = 0,
     cpu_precision: str = "auto",
     cache_dir: Path | None = None,
+    streams: int = 0,
 ) -> Backend:
     """Build one named backend on `device` ('auto', 'cpu', 'cuda[:N]'); BackendUnavailable when it cannot run.
 
     `cpu_precision` (auto, bf16, fp32) applies on CPU; bf16 there is OpenVINO's, so asking another CPU
-    backend for it raises PrecisionRefused rather than quietly serving fp32.
+    backend for it raises PrecisionRefused rather than quietly serving fp32. `streams` (0: the backend's
+    choice) is how many batches OpenVINO and ONNX Runtime compute at once on CPU; the others run one.
     """
     gpu = wants_gpu(device)
     if gpu is None:
@@ -74,13 +83,13 @@ def create_backend(
     if name == "openvino":
         if gpu:
             raise BackendUnavailable("this service runs OpenVINO on the CPU only; set VITAE_DEVICE=cpu")
-        return OpenVINOBackend(served, precision=cpu_precision, threads=threads, cache_dir=cache_dir)
+        return OpenVINOBackend(served, precision=cpu_precision, threads=threads, streams=streams, cache_dir=cache_dir)
     if name == "tensorrt":
         if not gpu:
             raise BackendUnavailable("TensorRT needs VITAE_DEVICE=cuda (or auto with a GPU)")
         return TensorRTBackend(served, device)
     if name == "onnxruntime":
-        return OnnxRuntimeBackend(served, gpu=gpu, device=device, threads=threads)
+        return OnnxRuntimeBackend(served, gpu=gpu, device=device, threads=threads, streams=streams)
     if name == "torch":
         return TorchBackend(served, device=device if gpu else "cpu", threads=threads)
     raise ValueError(f"unknown backend {name!r}; use auto or one of {', '.join(BACKENDS)}")
@@ -93,6 +102,7 @@ def select_backend(
     threads: int = 0,
     cpu_precision: str = "auto",
     cache_dir: Path | None = None,
+    streams: int = 0,
 ) -> Selection:
     """Build the requested backend, or for 'auto' the fastest one that can run here, and say why.
 
@@ -104,7 +114,7 @@ def select_backend(
     operator asked for it and must hear why not.
     """
     if requested != "auto":
-        backend = create_backend(requested, served, device, threads, cpu_precision, cache_dir)
+        backend = create_backend(requested, served, device, threads, cpu_precision, cache_dir, streams)
         reason = f"VITAE_BACKEND={requested}"
         if wants_gpu(device) and not backend.device.startswith("cuda"):
             reason += f"; VITAE_DEVICE={device} was asked for, but it runs on {backend.device} (CUDA did not load)"
@@ -121,7 +131,7 @@ def select_backend(
     skipped = []
     for name, dev in order:
         try:
-            backend = create_backend(name, served, dev, threads, cpu_precision, cache_dir)
+            backend = create_backend(name, served, dev, threads, cpu_precision, cache_dir, streams)
         except BackendUnavailable as exc:
             skipped.append(f"{name}: {exc}")
             continue

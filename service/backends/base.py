@@ -19,8 +19,9 @@ class Backend(Protocol):
                     module); the lifespan warms it up at batch 1 and at the max batch
     2. preprocess   bytes -> normalised (C, S, S) float32 by `model.preprocess`, in the decode pool
                     (`service.inference.prepare_image`); backends never see bytes
-    3. batch        the classify batcher stacks queued images into (B, C, S, S) on its worker thread
-    4. infer        `infer(images)` -> (logits, tokens); the one method each backend implements
+    3. batch        the classify batcher stacks queued images into (B, C, S, S) on a worker thread
+    4. infer        `infer(images)` -> (logits, tokens); the one method each backend implements, called
+                    from up to `streams` worker threads at once
     5. postprocess  logits -> top-k and tokens -> CAM (`service.postprocess`), outside the backend
     `close()` frees the engine when the lifespan ends.
     """
@@ -28,6 +29,7 @@ class Backend(Protocol):
     name: str
     device: str
     precision: str  # what the engine computes in: fp32, bf16 (OpenVINO on CPU), fp16 (TensorRT)
+    streams: int  # how many `infer` calls may run at once (the batcher's worker threads)
 
     def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """images float32 (B, C, S, S), normalised -> logits float32 (B, K), tokens float32 (B, N, D)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 
@@ -15,12 +16,16 @@ log = logging.getLogger(__name__)
 
 
 class OnnxRuntimeBackend:
-    """model.onnx in ONNX Runtime: CUDA EP when asked and present."""
+    """model.onnx in ONNX Runtime: CUDA EP when asked and present.
+
+    On CPU, `streams` runs at once (0: one per core, up to 4), each with its share of the intra-op
+    threads; ORT sessions allow concurrent `run` calls. On CUDA, one.
+    """
 
     name = "onnxruntime"
     precision = "fp32"
 
-    def __init__(self, served: ServedModel, *, gpu: bool, device: str = "cpu", threads: int = 0):
+    def __init__(self, served: ServedModel, *, gpu: bool, device: str = "cpu", threads: int = 0, streams: int = 0):
         import onnxruntime as ort
 
         available = ort.get_available_providers()
@@ -29,11 +34,13 @@ class OnnxRuntimeBackend:
         path = served.file("onnx")
         if path is None:
             raise BackendUnavailable(f"no ONNX model (files.onnx) in {served.folder}")
+        cores = threads or os.cpu_count() or 1
+        self.streams = 1 if gpu else (streams or min(4, cores))
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = threads
-        # One worker thread calls run() at a time; spinning threads would only steal the event loop's CPU.
+        if threads or self.streams > 1:
+            options.intra_op_num_threads = max(1, cores // self.streams)
+        # Spinning intra-op threads would only steal the CPU of the other streams and of the event loop.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers: list = ["CPUExecutionProvider"]
         if gpu:

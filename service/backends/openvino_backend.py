@@ -7,6 +7,7 @@ where the export measured it as safe for this model (metadata.json, `cpu_bf16`),
 from __future__ import annotations
 
 import logging
+import queue
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,14 +63,25 @@ class OpenVINOBackend:
     """model.onnx compiled once by OpenVINO's CPU plugin, in bf16 or fp32 (see choose_cpu_precision).
 
     The compiled model is cached in `cache_dir` (default: openvino_cache/ in the artifacts folder), so
-    a restart loads it instead of compiling again. One infer request, called by the one worker thread.
+    a restart loads it instead of compiling again.
+
+    `streams` (0: the plugin's choice under its THROUGHPUT hint; 1: one stream on every core, LATENCY)
+    is how many batches run at once, each on its own infer request and its share of the cores: on a
+    CPU, a few single-threaded streams keep every core busy where one batch spread over all the cores
+    waits at each layer for its slowest thread. `infer` may be called from up to `streams` threads.
     """
 
     name = "openvino"
     device = "cpu"
 
     def __init__(
-        self, served: ServedModel, *, precision: str = "auto", threads: int = 0, cache_dir: Path | None = None
+        self,
+        served: ServedModel,
+        *,
+        precision: str = "auto",
+        threads: int = 0,
+        streams: int = 0,
+        cache_dir: Path | None = None,
     ) -> None:
         try:
             import openvino  # noqa: F401
@@ -84,23 +96,32 @@ class OpenVINOBackend:
         self.precision, self.precision_reason = choice.precision, choice.reason
         self.cache_dir = cache_dir or served.folder / CACHE_FOLDER
         try:
-            self.compiled = compile_cpu(path, choice.precision, threads=threads, cache_dir=self.cache_dir)
+            self.compiled = compile_cpu(
+                path, choice.precision, threads=threads, streams=streams, cache_dir=self.cache_dir
+            )
         except PermissionError:  # a read-only artifacts folder: compile every start rather than not serve
             log.warning("cannot write the OpenVINO cache in %s; compiling without it", self.cache_dir)
-            self.compiled = compile_cpu(path, choice.precision, threads=threads)
-        self.request = self.compiled.create_infer_request()
+            self.compiled = compile_cpu(path, choice.precision, threads=threads, streams=streams)
+        self.streams = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()  # the idle infer requests, one per stream
+        for _ in range(self.streams):
+            self._requests.put(self.compiled.create_infer_request())
         outputs = {name for output in self.compiled.outputs for name in output.get_names()}
         if not {"logits", "tokens"} <= outputs:
             raise BackendUnavailable(f"{path.name} lacks the outputs logits and tokens (has {sorted(outputs)})")
-        log.info("OpenVINO %s on CPU: %s", choice.precision, choice.reason)
+        log.info("OpenVINO %s on CPU, %d stream(s): %s", choice.precision, self.streams, choice.reason)
 
     def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        self.request.infer({"images": np.ascontiguousarray(images, np.float32)})
-        # Copies: the request's output tensors are overwritten by the next call.
-        logits = np.array(self.request.get_tensor("logits").data, dtype=np.float32)  # (B, K)
-        tokens = np.array(self.request.get_tensor("tokens").data, dtype=np.float32)  # (B, N, D)
+        request = self._requests.get()  # never waits while callers are at most `streams`
+        try:
+            request.infer({"images": np.ascontiguousarray(images, np.float32)})
+            # Copies: the request's output tensors are overwritten by its next call.
+            logits = np.array(request.get_tensor("logits").data, dtype=np.float32)  # (B, K)
+            tokens = np.array(request.get_tensor("tokens").data, dtype=np.float32)  # (B, N, D)
+        finally:
+            self._requests.put(request)
         return logits, tokens
 
     def close(self) -> None:
-        self.request = None
+        self._requests = queue.SimpleQueue()
         self.compiled = None

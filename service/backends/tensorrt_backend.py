@@ -18,6 +18,7 @@ class TensorRTBackend:
     """
 
     name = "tensorrt"
+    streams = 1  # one batch at a time
 
     def __init__(self, served: ServedModel, device: str = "cuda") -> None:
         try:

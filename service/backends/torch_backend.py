@@ -14,6 +14,7 @@ class TorchBackend:
     """The PyTorch model rebuilt from the export's state dict (eager, inference mode)."""
 
     name = "torch"
+    streams = 1  # one batch at a time
     precision = "fp32"
 
     def __init__(self, served: ServedModel, device: str = "cpu", threads: int = 0) -> None:

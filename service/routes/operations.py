@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
-from ..backends import precision_of
+from ..backends import precision_of, streams_of
 from ..dependencies import ApiKeyDep, RuntimeDep, StateDep
 from ..lifecycle import Status
 
@@ -27,7 +27,8 @@ async def readyz(state: StateDep) -> JSONResponse:
     if state.runtime is not None:
         rt = state.runtime
         body |= {"model": rt.served.name, "version": rt.served.version, "backend": rt.backend.name}
-        body |= {"device": rt.backend.device, "precision": precision_of(rt.backend), "reason": rt.reason}
+        body |= {"device": rt.backend.device, "precision": precision_of(rt.backend), "streams": streams_of(rt.backend)}
+        body["reason"] = rt.reason
     if state.error:
         body["detail"] = state.error
     return JSONResponse(body, status_code=200 if state.status is Status.READY else 503)
@@ -53,4 +54,5 @@ async def model_card(runtime: RuntimeDep, _: ApiKeyDep) -> dict:
         "backend": runtime.backend.name,
         "device": runtime.backend.device,
         "precision": precision_of(runtime.backend),
+        "streams": streams_of(runtime.backend),
     }
