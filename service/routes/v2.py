@@ -58,7 +58,7 @@ router = APIRouter(prefix="/v2", tags=["v2"], route_class=ProtocolRoute)
 # ---------------------------------------------------------------- dependencies
 
 
-def get_model(request: Request, runtime: RuntimeDep, name: str) -> ServedModel:
+async def get_model(request: Request, runtime: RuntimeDep, name: str) -> ServedModel:
     """The served model when the path names it (and its version, if the path has one); else 404."""
     served = runtime.served
     version = request.path_params.get("version")
