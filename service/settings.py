@@ -32,7 +32,13 @@ class Settings(BaseSettings):
     openvino_cache_dir: Path | None = Field(
         None, description="Compiled-model cache of the openvino backend; default: openvino_cache/ in `artifacts`."
     )
-    max_batch_size: int = Field(32, ge=1, le=4096, description="Largest batch the batcher sends to the backend.")
+    max_batch_size: int = Field(
+        32,
+        ge=1,
+        le=4096,
+        description="Largest batch the batcher sends to the backend. Left unset, a CPU backend running several "
+        "streams takes at most 4 per batch (on CPU, batching gains nothing over single images).",
+    )
     max_delay_ms: float = Field(
         5.0, ge=0, description="Longest time the oldest queued request waits for a batch to fill, in ms."
     )

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from support.checkpoints import exported
 
+from service.artifacts import read_artifacts
+from service.lifecycle import CPU_STREAM_MAX_BATCH, classify_max_batch
 from service.settings import Settings, get_settings
 
 
@@ -33,3 +36,24 @@ def test_an_invalid_setting_is_refused(monkeypatch):
     monkeypatch.setenv("VITAE_BACKEND", "tensorflow")
     with pytest.raises(ValueError, match="backend"):
         get_settings()
+
+
+# ------------------------------------------------------------------ the classify batcher's largest batch
+
+
+class Engine:
+    """What classify_max_batch reads of a backend: its name and how many streams it runs."""
+
+    def __init__(self, name: str, streams: int) -> None:
+        self.name, self.streams = name, streams
+
+
+def test_a_cpu_backend_with_several_streams_batches_a_few_images_unless_told_otherwise(tiny_checkpoint):
+    served = read_artifacts(exported(tiny_checkpoint))
+    default = get_settings()
+    assert classify_max_batch(default, Engine("openvino", 2), served) == CPU_STREAM_MAX_BATCH
+    assert classify_max_batch(default, Engine("openvino", 1), served) == default.max_batch_size
+    assert classify_max_batch(get_settings(max_batch_size=16), Engine("openvino", 2), served) == 16  # set: obeyed
+    assert classify_max_batch(get_settings(max_batch_size=4096), Engine("tensorrt", 1), served) == (
+        served.metadata.max_batch
+    )
