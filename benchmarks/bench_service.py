@@ -198,6 +198,8 @@ class PlainOnnxAPI(ls.LitAPI if ls is not None else object):
         return np.stack(inputs)  # (B, C, S, S)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
+        if x.ndim == 3:  # max batch 1: LitServe passes single inputs, without batch() and unbatch()
+            return self.session.run(["logits"], {"images": x[None]})[0][0]  # (K,)
         return self.session.run(["logits"], {"images": x})[0]  # (B, K)
 
     def unbatch(self, output: np.ndarray) -> list[np.ndarray]:
@@ -275,7 +277,7 @@ async def drive(url: str, jpegs: list[bytes], concurrency: int, total: int, requ
         started, cpu_started = time.perf_counter(), server_cpu()
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
         elapsed, cpu = time.perf_counter() - started, server_cpu() - cpu_started
-    ms = np.array(latencies) * 1000
+    ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])  # no answer at all: nan, not a crash
     return {
         "images_per_s": len(latencies) / elapsed,
         "p50": float(np.percentile(ms, 50)),

@@ -31,15 +31,16 @@ def prepare_image(data: bytes, prep: Preprocessing, *, max_pixels: int, cam_max_
     Large JPEGs decode in draft mode at about the model's size. When a CAM overlay is wanted
     (`cam_max_side` given), the image is kept for it too, scaled down to fit cam_max_side on its longer
     side: drawing PNGs costs time and memory in proportion to their pixels, so that bounds the work of a
-    CAM whatever the upload's size. A JPEG is decoded again for it (in draft mode at about that size), so
-    that the model input, and so the logits, do not depend on whether a CAM was asked for.
-    Raises model.preprocess.ImageDecodeError / ImageTooLargeError.
+    CAM whatever the upload's size. The picture decoded for the model is reused when it is at least that
+    large; a JPEG drafted smaller than that (a small model input) is decoded again, in draft mode at about
+    cam_max_side, for a sharp overlay. The model input, and so the logits, never depend on whether a CAM
+    was asked for. Raises model.preprocess.ImageDecodeError / ImageTooLargeError.
     """
     image = decode_image(data, max_pixels=max_pixels, target_size=resize_size(prep))
     pixels = preprocess(image, prep)
     original = None
     if cam_max_side is not None:
-        if data.startswith(JPEG_MAGIC):
+        if data.startswith(JPEG_MAGIC) and max(image.size) < cam_max_side:
             image = decode_image(data, max_pixels=max_pixels, target_size=cam_max_side)
         image.thumbnail((cam_max_side, cam_max_side), Image.Resampling.BILINEAR)  # in place; pixels are computed
         original = image
