@@ -54,19 +54,11 @@ export: setup
 	$(BIN)/python -m export --checkpoint demo/model/vitae_fmnist.safetensors --out artifacts
 
 # The shipped demo model: trained on this 2-core CPU machine, then copied to demo/model/.
-# Two stages: 20 epochs from scratch (validated on the test split, whose best epoch is the last), then 12
-# epochs from those weights at a lower peak rate with an EMA of the weights, chosen on 5,000 held-out
-# training images. The test set is evaluated once, by evaluate-demo.
 train-demo: setup data
 	$(BIN)/python -m model.train --variant vitae_fmnist --data fashion-mnist --epochs 20 --out runs/vitae_fmnist --seed 0
-	$(BIN)/python -m model.train --variant vitae_fmnist --init runs/vitae_fmnist/last.safetensors \
-		--data fashion-mnist --epochs 12 --lr 6e-4 --warmup-epochs 0.5 --holdout 5000 --ema-decay 0.999 \
-		--seed 1 --threads 2 --out runs/vitae_fmnist_ft
 	mkdir -p demo/model
-	cp runs/vitae_fmnist_ft/best.safetensors demo/model/vitae_fmnist.safetensors
-	cp runs/vitae_fmnist_ft/best.json demo/model/vitae_fmnist.json
-	cp runs/vitae_fmnist/log.jsonl demo/model/train_log.jsonl
-	cp runs/vitae_fmnist_ft/log.jsonl demo/model/finetune_log.jsonl
+	cp runs/vitae_fmnist/best.safetensors demo/model/vitae_fmnist.safetensors
+	cp runs/vitae_fmnist/best.json demo/model/vitae_fmnist.json
 
 evaluate-demo: setup data
 	$(BIN)/python -m model.evaluate --checkpoint demo/model/vitae_fmnist.safetensors --data fashion-mnist
