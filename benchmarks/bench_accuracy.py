@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -25,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_service import ServerFailed, free_port, start, stop  # noqa: E402
+from bench_service import ServerFailed, free_port, service_env, start, stop  # noqa: E402
 
 DEMO = ROOT / "demo" / "model" / "vitae_fmnist.safetensors"
 FILES_PER_REQUEST = 64
@@ -61,18 +60,9 @@ async def classify_all(url: str, images: list[bytes], concurrency: int = 4) -> n
 
 def served_predictions(artifacts: Path, precision: str, images: list[bytes], workdir: Path) -> np.ndarray:
     port = free_port()
-    env = os.environ | {
-        "PYTHONPATH": str(ROOT),
-        "VITAE_LOG_LEVEL": "warning",
-        "VITAE_ARTIFACTS": str(artifacts),
-        "VITAE_AUTO_EXPORT": "false",
-        "VITAE_BACKEND": "openvino",
-        "VITAE_DEVICE": "cpu",
-        "VITAE_CPU_PRECISION": precision,
-        "VITAE_HOST": "127.0.0.1",
-        "VITAE_PORT": str(port),
-        "VITAE_MAX_FILES": str(FILES_PER_REQUEST),
-    }
+    env = service_env(
+        artifacts, port, backend="openvino", device="cpu", cpu_precision=precision, max_files=FILES_PER_REQUEST
+    )
     process = start([sys.executable, "-m", "service"], env, port, workdir / f"service-{precision}.log", "/readyz")
     try:
         ready = httpx.get(f"http://127.0.0.1:{port}/readyz").json()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_service import free_port, real_jpegs, start, stop  # noqa: E402
+from bench_service import free_port, real_jpegs, service_env, start, stop  # noqa: E402
 
 REFERENCE = ROOT.parent / "shared" / "reference" / "vitae_t_official.safetensors"
 RAW_GOAL, SERVICE_GOAL = 10_000.0, 0.85
@@ -167,22 +166,18 @@ async def drive_batches(url: str, jpegs: list[bytes], batch: int, total_images: 
 
 def service_rates(artifacts: Path, batches: list[int], images: int, log: Path) -> dict[int, float]:
     port = free_port()
-    env = os.environ | {
-        "PYTHONPATH": str(ROOT),
-        "VITAE_LOG_LEVEL": "warning",
-        "VITAE_ARTIFACTS": str(artifacts),
-        "VITAE_AUTO_EXPORT": "false",
-        "VITAE_BACKEND": "tensorrt",
-        "VITAE_DEVICE": "cuda",
-        "VITAE_HOST": "127.0.0.1",
-        "VITAE_PORT": str(port),
-        "VITAE_MAX_BATCH_SIZE": str(max(batches)),
-        "VITAE_MAX_FILES": str(max(batches)),
-        "VITAE_MAX_DELAY_MS": "2",
-        "VITAE_QUEUE_CAPACITY": str(8 * IN_FLIGHT * max(batches)),
-        "VITAE_REQUEST_TIMEOUT_S": "300",
-        "VITAE_MAX_UPLOAD_BYTES": str(1 << 30),
-    }
+    env = service_env(
+        artifacts,
+        port,
+        backend="tensorrt",
+        device="cuda",
+        max_batch_size=max(batches),
+        max_files=max(batches),
+        max_delay_ms=2,
+        queue_capacity=8 * IN_FLIGHT * max(batches),
+        request_timeout_s=300,
+        max_upload_bytes=1 << 30,
+    )
     jpegs = real_jpegs(16)
     process = start([sys.executable, "-m", "service"], env, port, log)
     try:

@@ -232,7 +232,9 @@ def calls_for(backend, x: np.ndarray, stop: float) -> int:
 
 def raw_engine(backend, pixels: np.ndarray, max_batch: int, label: str) -> dict[int, float]:
     """Images/s of `backend.infer` at each batch size, with as many calls in flight as it has streams."""
-    streams = getattr(backend, "streams", 1)
+    from service.backends import streams_of
+
+    streams = streams_of(backend)
     results = {}
     for batch in sorted({1, 2, 4, 8, 16, max_batch}):
         x = np.ascontiguousarray(np.resize(pixels, (batch, *pixels.shape[1:])))
@@ -309,6 +311,20 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def service_env(artifacts: Path, port: int, **settings: object) -> dict[str, str]:
+    """The environment of a `python -m service` that serves `artifacts` as they are on 127.0.0.1:`port`;
+    each keyword is one more setting, e.g. backend="openvino" -> VITAE_BACKEND=openvino."""
+    env = os.environ | {
+        "PYTHONPATH": str(ROOT),
+        "VITAE_LOG_LEVEL": "warning",
+        "VITAE_ARTIFACTS": str(artifacts),
+        "VITAE_AUTO_EXPORT": "false",
+        "VITAE_HOST": "127.0.0.1",
+        "VITAE_PORT": str(port),
+    }
+    return env | {f"VITAE_{name.upper()}": str(value) for name, value in settings.items()}
 
 
 def start(command: list[str], env: dict[str, str], port: int, log: Path, ready_path: str) -> subprocess.Popen:
@@ -420,24 +436,22 @@ def main(argv: list[str] | None = None) -> int:
     # ---- the service, cam off and on
     env = os.environ | {"PYTHONPATH": str(ROOT), "VITAE_LOG_LEVEL": "warning"}
     port = free_port()
-    service_env = env | {
-        "VITAE_ARTIFACTS": str(artifacts),
-        "VITAE_AUTO_EXPORT": "false",
-        "VITAE_BACKEND": "auto",
-        "VITAE_DEVICE": "cpu",
-        "VITAE_CPU_PRECISION": args.cpu_precision,
-        "VITAE_INFER_STREAMS": str(args.streams),
-        "VITAE_HOST": "127.0.0.1",
-        "VITAE_PORT": str(port),
+    served_env = service_env(
+        artifacts,
+        port,
+        backend="auto",
+        device="cpu",
+        cpu_precision=args.cpu_precision,
+        infer_streams=args.streams,
         # Batches beyond the engine's best size add latency and no throughput, so that is the service's cap.
-        "VITAE_MAX_BATCH_SIZE": str(best_batch),
-        "VITAE_MAX_DELAY_MS": str(args.max_delay_ms),
-        "VITAE_QUEUE_CAPACITY": "4096",
-        "VITAE_REQUEST_TIMEOUT_S": "300",
-    }
+        max_batch_size=best_batch,
+        max_delay_ms=args.max_delay_ms,
+        queue_capacity=4096,
+        request_timeout_s=300,
+    )
     url = f"http://127.0.0.1:{port}"
     print(f"service (python -m service, max batch {best_batch}, max delay {args.max_delay_ms} ms)")
-    process = start([sys.executable, "-m", "service"], service_env, port, workdir / "service.log", "/readyz")
+    process = start([sys.executable, "-m", "service"], served_env, port, workdir / "service.log", "/readyz")
     try:
         ready = httpx.get(f"{url}/readyz").json()
         what = f"{ready['backend']} on {ready['device']} in {ready['precision']}, {ready['streams']} stream(s)"

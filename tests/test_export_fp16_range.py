@@ -14,7 +14,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from support.checkpoints import DEMO_CHECKPOINT, SHARED_REFERENCE
+from support.checkpoints import SHARED_REFERENCE
 
 from export.fold import fold_batchnorms
 from export.fp16_range import FP16_MAX, FP16_SAFE_LIMIT, intermediate_ranges, out_of_range, with_all_outputs
@@ -54,13 +54,6 @@ def assert_inside_fp16(model: ViTAE, folder: Path, count: int, label: str) -> No
     expected = serving_outputs(model, images)
     for name, value in zip(("logits", "tokens"), got, strict=True):
         assert np.abs(value - expected[name]).max() <= TOLERANCE_FP32, name
-
-
-@pytest.fixture(scope="module")
-def demo_model() -> ViTAE:
-    if not DEMO_CHECKPOINT.is_file():
-        pytest.skip(f"the demo checkpoint {DEMO_CHECKPOINT} is not there")
-    return load_source(DEMO_CHECKPOINT).model
 
 
 def test_demo_model_intermediates_stay_inside_fp16_on_the_demo_samples(demo_model, tmp_path):

@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from google.protobuf import text_format
-from support.checkpoints import DEMO_CHECKPOINT, SHARED_REFERENCE, tiny_model
+from support.checkpoints import SHARED_REFERENCE, tiny_model
 from tritonclient.grpc import model_config_pb2
 
 from export import export_artifacts
@@ -44,13 +44,6 @@ def fp16_against_fp32(model: ViTAE, folder: Path, count: int, *, fp16_safe: bool
     session = ort.InferenceSession(str(fp16), providers=["CPUExecutionProvider"])
     got = dict(zip(OUTPUTS, session.run(OUTPUTS, {"images": images}), strict=True))
     return compare_to_fp32(got, expected, "fp16"), origin
-
-
-@pytest.fixture(scope="module")
-def demo_model() -> ViTAE:
-    if not DEMO_CHECKPOINT.is_file():
-        pytest.skip(f"the demo checkpoint {DEMO_CHECKPOINT} is not there")
-    return load_source(DEMO_CHECKPOINT).model
 
 
 def test_fp16_graph_of_the_demo_model_passes_the_engine_rule_on_cpu(demo_model, tmp_path):
