@@ -110,11 +110,21 @@ def augment_tensor(x: np.ndarray, rng: np.random.Generator, pad: int, fill: np.n
 class ArrayImageDataset(Dataset):
     """In-memory images (Fashion-MNIST): evaluation-preprocessed once, augmented per sample when training."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, prep: Preprocessing, *, train: bool, seed: int = 0):
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        prep: Preprocessing,
+        *,
+        train: bool,
+        seed: int = 0,
+        erase_p: float = 0.25,
+    ):
         self.labels = torch.from_numpy(labels)
         self.inputs = np.stack([preprocess(Image.fromarray(img), prep) for img in images])  # (N, C, S, S)
         self.train = train
         self.seed = seed
+        self.erase_p = erase_p
         self.epoch = 0
         # Background (pixel 0) after normalisation: what padding and borders should look like.
         self.fill = normalize(np.zeros((1, 1, prep.in_chans), dtype=np.uint8), prep)[:, 0, 0]
@@ -129,7 +139,7 @@ class ArrayImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.inputs[index]
         if self.train:
-            x = augment_tensor(x, _rng(self.seed, self.epoch, index), self.pad, self.fill, erase_p=0.25)
+            x = augment_tensor(x, _rng(self.seed, self.epoch, index), self.pad, self.fill, erase_p=self.erase_p)
         return torch.from_numpy(x), self.labels[index]
 
 
@@ -223,12 +233,14 @@ def build_datasets(
     val_subset: int | None = None,
     train: bool = True,
     holdout: int = 0,
+    erase_p: float = 0.25,
 ) -> tuple[Dataset | None, Dataset, list[str]]:
     """(train, val, class names) for `fashion-mnist` or an ImageFolder root with train/ and val/.
 
     With `holdout` N > 0 the validation set is N images of the training split, never augmented and
     never trained on (Fashion-MNIST: the last N; ImageFolder: a fixed random draw), and the test/val
     split is not loaded: choices made during training leave the test set for one final measurement.
+    `erase_p` is the random-erasing probability of the Fashion-MNIST training augmentation.
     """
     if holdout < 0:
         raise ValueError(f"holdout must be 0 (use the test/val split) or a positive image count, got {holdout}")
@@ -242,7 +254,12 @@ def build_datasets(
                 raise ValueError(f"holdout {holdout} leaves no training images (the train split has {len(images)})")
             if train:
                 train_ds = ArrayImageDataset(
-                    images[:kept][:train_subset], labels[:kept][:train_subset], prep, train=True, seed=seed
+                    images[:kept][:train_subset],
+                    labels[:kept][:train_subset],
+                    prep,
+                    train=True,
+                    seed=seed,
+                    erase_p=erase_p,
                 )
         if holdout:
             val_images, val_labels = images[kept:], labels[kept:]

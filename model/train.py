@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument(
+        "--erase-p", type=float, default=0.25, help="random-erasing probability (Fashion-MNIST augmentation)"
+    )
     p.add_argument("--drop-path", type=float, default=0.1)
     p.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0 disables)")
     p.add_argument(
@@ -301,6 +304,7 @@ def build_data(args: argparse.Namespace) -> tuple[ViTAEConfig, Dataset, Dataset,
         train_subset=args.train_subset,
         val_subset=args.val_subset,
         holdout=args.holdout,
+        erase_p=args.erase_p,
     )
     overrides["num_classes"] = len(class_names)
     return base.replace(**overrides), train_ds, val_ds, class_names

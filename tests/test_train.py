@@ -277,3 +277,15 @@ def test_cooldown_schedule_holds_the_peak_whatever_the_length_and_ends_at_the_mi
     assert 0.01 < short(85) < 1.0 and short(99) < 0.02 and short(100) == 0.01
     cosine = lr_lambda(10, 100, 0.01)
     assert cosine(10) == 1.0 and cosine(11) < 1.0 and cosine(100) == 0.01
+
+
+def test_erase_probability_zero_leaves_only_crop_and_flip_and_one_always_erases():
+    prep = get_variant("vitae_fmnist").preprocessing
+    images = np.full((8, 28, 28), 128, dtype=np.uint8)
+    labels = np.arange(8)
+    foreground = float(preprocess(Image.fromarray(images[0]), prep)[0, 16, 16])
+    for erase_p, erased in ((0.0, False), (1.0, True)):
+        ds = ArrayImageDataset(images, labels, prep, train=True, seed=1, erase_p=erase_p)
+        values = torch.stack([ds[i][0] for i in range(len(ds))])  # (8, 1, 32, 32)
+        known = torch.isclose(values, torch.tensor(foreground)) | torch.isclose(values, torch.tensor(float(ds.fill[0])))
+        assert bool((~known).any(dim=(1, 2, 3)).all()) is erased
