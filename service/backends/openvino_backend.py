@@ -103,7 +103,7 @@ class OpenVINOBackend:
             log.warning("cannot write the OpenVINO cache in %s; compiling without it", self.cache_dir)
             self.compiled = compile_cpu(path, choice.precision, threads=threads, streams=streams)
         self.streams = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
-        self._requests: queue.SimpleQueue = queue.SimpleQueue()  # the idle infer requests, one per stream
+        self._requests: queue.SimpleQueue | None = queue.SimpleQueue()  # the idle infer requests, one per stream
         for _ in range(self.streams):
             self._requests.put(self.compiled.create_infer_request())
         outputs = {name for output in self.compiled.outputs for name in output.get_names()}
@@ -123,5 +123,6 @@ class OpenVINOBackend:
         return logits, tokens
 
     def close(self) -> None:
-        self._requests = queue.SimpleQueue()
+        # Dropped, not emptied: a call after close fails at once instead of waiting for a request forever.
+        self._requests = None
         self.compiled = None
