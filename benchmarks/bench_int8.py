@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from export.fold import fold_batchnorms  # noqa: E402
 from export.inputs import model_inputs  # noqa: E402
 from export.onnx_export import export_onnx  # noqa: E402
-from export.precision import compile_cpu, evaluation_inputs, images_per_second, run_logits  # noqa: E402
+from export.precision import compare_logits, compile_cpu, evaluation_inputs, images_per_second, run_logits  # noqa: E402
 from export.source import load_source  # noqa: E402
 from export.tensorrt import PERFORMER_KERNEL  # noqa: E402
 from model import create_model  # noqa: E402
@@ -85,11 +85,9 @@ def compare(name: str, model, class_names: list[str], folder: Path, args: argpar
     int8_path = quantize(onnx_path, calibration, folder / f"{name}_int8.xml")
     fp32, int8 = (compile_cpu(path, "fp32", threads=args.threads) for path in (onnx_path, int8_path))
     a, b = run_logits(fp32, images), run_logits(int8, images)  # (N, K) each
+    agree, fp32_top1, int8_top1 = compare_logits(a, b, labels)
     if labels is not None:
-        top1 = [100 * float((logits.argmax(1) == labels).mean()) for logits in (a, b)]
-        loss = top1[1] - top1[0]
-        print(f"  top-1: fp32 {top1[0]:.2f} %, int8 {top1[1]:.2f} % ({loss:+.2f} points)")
-    agree = 100 * float((a.argmax(1) == b.argmax(1)).mean())
+        print(f"  top-1: fp32 {fp32_top1:.2f} %, int8 {int8_top1:.2f} % ({int8_top1 - fp32_top1:+.2f} points)")
     print(f"  argmax agreement {agree:.2f} % on {len(images)} images, max |logit diff| {np.abs(a - b).max():.3f}")
     fp32_speed, int8_speed = images_per_second([fp32, int8], images[: args.batch], args.repeats)
     print(

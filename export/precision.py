@@ -192,6 +192,17 @@ def verdict(
     return True, f"top-1 agreement >= {MIN_AGREEMENT} % and top-1 loss <= {MAX_TOP1_LOSS} points"
 
 
+def compare_logits(
+    reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None
+) -> tuple[float, float | None, float | None]:
+    """Argmax agreement of `candidate` with `reference` (N, K) each, and each one's top-1 on `labels` (N,) when
+    there are labels; all in percent."""
+    agreement = 100.0 * float((reference.argmax(1) == candidate.argmax(1)).mean())
+    if labels is None:
+        return agreement, None, None
+    return agreement, *(100.0 * float((logits.argmax(1) == labels).mean()) for logits in (reference, candidate))
+
+
 def measure_bf16(onnx_path: Path, prep: Preprocessing, class_names: list[str], speed_batch: np.ndarray) -> Bf16Report:
     """bf16 against fp32, both OpenVINO on this CPU: top-1 agreement, max logit difference, top-1 on
     labelled images, and throughput on `speed_batch` (N, C, S, S)."""
@@ -202,11 +213,7 @@ def measure_bf16(onnx_path: Path, prep: Preprocessing, class_names: list[str], s
     images, labels, origin = evaluation_inputs(prep, class_names)
     fp32, bf16 = compile_cpu(onnx_path, "fp32"), compile_cpu(onnx_path, "bf16")
     fp32_logits, bf16_logits = run_logits(fp32, images), run_logits(bf16, images)  # (N, K) each
-    agreement = 100.0 * float((fp32_logits.argmax(1) == bf16_logits.argmax(1)).mean())
-    fp32_top1 = bf16_top1 = None
-    if labels is not None:
-        fp32_top1 = 100.0 * float((fp32_logits.argmax(1) == labels).mean())
-        bf16_top1 = 100.0 * float((bf16_logits.argmax(1) == labels).mean())
+    agreement, fp32_top1, bf16_top1 = compare_logits(fp32_logits, bf16_logits, labels)
     finite = bool(np.isfinite(bf16_logits).all())
     safe, reason = verdict(agreement, fp32_top1, bf16_top1, finite)
     fp32_speed, bf16_speed = images_per_second([fp32, bf16], np.ascontiguousarray(speed_batch, np.float32))

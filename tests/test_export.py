@@ -24,7 +24,7 @@ from export.fold import fold_batchnorms
 from export.graph import GraphCheckError, find_prm_blocks, op_counts
 from export.inputs import fashion_mnist_test, model_inputs
 from export.parity import ParityError, check_parity, cpu_session
-from export.precision import STAND_IN_IMAGES, this_cpu_has_native_bf16, verdict
+from export.precision import STAND_IN_IMAGES, compare_logits, this_cpu_has_native_bf16, verdict
 from export.source import sha256_file
 from export.tensorrt import plan_matches_this_machine, unavailable_reason
 from model import CheckpointError, ViTAE, ViTAEConfig
@@ -368,3 +368,11 @@ def test_cli_fails_with_a_message_on_a_corrupted_checkpoint(tmp_path):
     assert done.returncode != 0
     assert "export failed" in done.stderr and "bad.safetensors" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_compare_logits_counts_agreement_and_each_top1():
+    reference = np.array([[2.0, 1.0], [0.0, 3.0], [5.0, 1.0], [1.0, 2.0]])  # argmax 0, 1, 0, 1
+    candidate = np.array([[2.0, 1.0], [4.0, 3.0], [5.0, 1.0], [0.0, 2.0]])  # argmax 0, 0, 0, 1
+    labels = np.array([0, 1, 1, 1])
+    assert compare_logits(reference, candidate, labels) == (75.0, 75.0, 50.0)
+    assert compare_logits(reference, candidate, None) == (75.0, None, None)
