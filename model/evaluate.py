@@ -19,6 +19,57 @@ from .weights import CheckpointError
 
 
 @torch.no_grad()
+def evaluation_counts(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    num_classes: int,
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Sums over `dataset`, as one float64 vector that ranks can all-reduce and `metrics_from_counts` reads:
+    [images, top-1 hits, top-5 hits, summed loss, images per class (K), top-1 hits per class (K)]."""
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_skipping_none)
+    k = num_classes
+    counts = torch.zeros(4 + 2 * k, dtype=torch.float64)
+    for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False, file=sys.stderr):
+        if batch is None:
+            continue
+        x, y = batch
+        logits = model(x.to(device)).float().cpu()  # (B, K)
+        top = logits.topk(min(5, k), dim=1).indices  # (B, 5)
+        hit1 = top[:, 0] == y  # (B,)
+        counts[0] += len(y)
+        counts[1] += hit1.sum().item()
+        counts[2] += (top == y[:, None]).any(1).sum().item()
+        counts[3] += F.cross_entropy(logits, y, reduction="sum").item()
+        counts[4 : 4 + k] += torch.bincount(y, minlength=k)
+        counts[4 + k :] += torch.bincount(y[hit1], minlength=k)
+    model.train(was_training)
+    return counts
+
+
+def metrics_from_counts(counts: torch.Tensor, class_names: list[str]) -> dict[str, Any]:
+    """Top-1, top-5, mean loss and per-class accuracy from `evaluation_counts` (summed over shards, if any)."""
+    k = len(class_names)
+    n, top1, top5, loss = (counts[i].item() for i in range(4))
+    per_class_total, per_class_correct = counts[4 : 4 + k], counts[4 + k :]
+    per_class = {
+        name: (per_class_correct[i] / per_class_total[i]).item() if per_class_total[i] else None
+        for i, name in enumerate(class_names)
+    }
+    return {
+        "top1": top1 / max(n, 1),
+        "top5": top5 / max(n, 1),
+        "loss": loss / max(n, 1),
+        "n": int(n),
+        "per_class": per_class,
+    }
+
+
 def evaluate(
     model: torch.nn.Module,
     dataset: Dataset,
@@ -29,38 +80,10 @@ def evaluate(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Top-1, top-5, mean loss and per-class accuracy of `model` on an evaluation dataset."""
-    was_training = model.training
-    model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_skipping_none)
-    k = len(class_names)
-    n, top1, top5, loss = 0, 0, 0, 0.0
-    per_class_total = torch.zeros(k, dtype=torch.long)
-    per_class_correct = torch.zeros(k, dtype=torch.long)
-    for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False, file=sys.stderr):
-        if batch is None:
-            continue
-        x, y = batch
-        logits = model(x.to(device)).float().cpu()
-        loss += F.cross_entropy(logits, y, reduction="sum").item()
-        top = logits.topk(min(5, k), dim=1).indices  # (B, 5)
-        hit1 = top[:, 0] == y
-        top1 += hit1.sum().item()
-        top5 += (top == y[:, None]).any(1).sum().item()
-        n += len(y)
-        per_class_total += torch.bincount(y, minlength=k)
-        per_class_correct += torch.bincount(y[hit1], minlength=k)
-    model.train(was_training)
-    per_class = {
-        name: (per_class_correct[i] / per_class_total[i]).item() if per_class_total[i] else None
-        for i, name in enumerate(class_names)
-    }
-    return {
-        "top1": top1 / max(n, 1),
-        "top5": top5 / max(n, 1),
-        "loss": loss / max(n, 1),
-        "n": n,
-        "per_class": per_class,
-    }
+    counts = evaluation_counts(
+        model, dataset, len(class_names), device=device, batch_size=batch_size, progress=progress
+    )
+    return metrics_from_counts(counts, class_names)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,7 @@ from support.checkpoints import DEMO_CHECKPOINT, ROOT
 from model import get_variant
 from model.checkpoint import load_checkpoint
 from model.data import ArrayImageDataset, ImageFolderDataset, build_datasets, fashion_mnist_dir, read_idx
+from model.evaluate import evaluate
 from model.preprocess import preprocess
 from model.train import lr_lambda
 
@@ -183,11 +184,22 @@ def test_ema_run_ships_the_better_of_model_and_average_as_a_plain_checkpoint(tmp
 
 
 @needs_fmnist
-def test_two_process_gloo_run_ends_with_identical_weights_on_both_ranks(tmp_path):
-    run(train_args(tmp_path, "--epochs", "1", "--train-subset", "400"), torchrun=2)
+def test_two_process_gloo_run_keeps_the_ranks_identical_and_shares_validation_exactly(tmp_path):
+    # 999 validation images: the ranks' shards differ in size and together must cover every image once
+    extra = ("--epochs", "1", "--val-subset", "999", "--ema-decay", "0.9")
+    run(train_args(tmp_path, *extra), torchrun=2)
     (record,) = log_records(tmp_path)
     assert record["world_size"] == 2
     assert record["ranks_in_sync"] is True
+    # The ranks share validation; one process measuring the saved model and average on the same images agrees
+    # (the loss to float32 rounding: batches are cut differently).
+    for weights, prefix in (("last", "val_"), ("last_ema", "ema_val_")):
+        model, _ = load_checkpoint(tmp_path / f"{weights}.safetensors")
+        _, val_ds, names = build_datasets("fashion-mnist", model.config.preprocessing, train=False, val_subset=999)
+        alone = evaluate(model, val_ds, names, progress=False)
+        assert alone["n"] == 999
+        assert (record[f"{prefix}top1"], record[f"{prefix}top5"]) == (alone["top1"], alone["top5"]), weights
+        assert record[f"{prefix}loss"] == pytest.approx(alone["loss"], rel=1e-6), weights
 
 
 def write_image_folder(root: Path) -> None:
