@@ -53,13 +53,18 @@ lint: setup
 export: setup
 	$(BIN)/python -m export --checkpoint demo/model/vitae_fmnist.safetensors --out artifacts
 
+# Two 1-thread processes (global batch 2 x 64 = 128) train faster on two CPU cores than one 2-thread process.
+TRAIN2 := OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node 2 -m model.train
+
 # The shipped demo model, trained on this 2-core CPU machine in two stages (README, "The demo model"): 20 epochs
 # from scratch, then 12 epochs from those weights with an EMA of the weights, choosing on 5,000 held-out training
 # images (the test set is measured once, at the end). The second stage's best.* and both logs go to demo/model/.
 train-demo: setup data
-	$(BIN)/python -m model.train --variant vitae_fmnist --data fashion-mnist --epochs 20 --out runs/vitae_fmnist --seed 0
-	$(BIN)/python -m model.train --variant vitae_fmnist --data fashion-mnist --init runs/vitae_fmnist/last.safetensors \
-		--epochs 12 --lr 6e-4 --warmup-epochs 0.5 --holdout 5000 --ema-decay 0.999 --out runs/vitae_fmnist_ft --seed 1
+	$(TRAIN2) --variant vitae_fmnist --data fashion-mnist --epochs 20 --batch-size 64 --threads 1 \
+		--out runs/vitae_fmnist --seed 0
+	$(TRAIN2) --variant vitae_fmnist --data fashion-mnist --init runs/vitae_fmnist/last.safetensors \
+		--epochs 12 --lr 6e-4 --warmup-epochs 0.5 --holdout 5000 --ema-decay 0.999 --batch-size 64 --threads 1 \
+		--out runs/vitae_fmnist_ft --seed 1
 	mkdir -p demo/model
 	cp runs/vitae_fmnist_ft/best.safetensors demo/model/vitae_fmnist.safetensors
 	cp runs/vitae_fmnist_ft/best.json demo/model/vitae_fmnist.json
