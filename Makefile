@@ -58,7 +58,8 @@ TRAIN2 := OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node 2 -m m
 
 # The shipped demo model, trained on this 2-core CPU machine in two stages (README, "The demo model"): 20 epochs
 # from scratch, then 12 epochs from those weights with an EMA of the weights, choosing on 5,000 held-out training
-# images (the test set is measured once, at the end). The second stage's best.* and both logs go to demo/model/.
+# images (stage 1 logs the test split each epoch but chooses nothing by it: stage 2 starts from its last weights;
+# the test set is measured once, at the end). The second stage's best.* and both logs go to demo/model/.
 train-demo: setup data
 	$(TRAIN2) --variant vitae_fmnist --data fashion-mnist --epochs 20 --batch-size 64 --threads 1 \
 		--out runs/vitae_fmnist --seed 0
