@@ -75,6 +75,11 @@ class ServiceState:
     pool: ThreadPoolExecutor | None = None
     loader: asyncio.Task | None = field(default=None, repr=False)
 
+    @property
+    def ready(self) -> bool:
+        """The one readiness decision, used by every route that reports readiness (/readyz and the v2 ones)."""
+        return self.status is Status.READY and self.runtime is not None
+
     def begin_drain(self) -> None:
         """Called on SIGTERM: /readyz turns 503 while in-flight requests finish."""
         if self.status is not Status.FAILED:

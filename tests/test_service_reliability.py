@@ -20,8 +20,9 @@ from PIL import Image
 from support.checkpoints import exported
 from support.images import encode, sample_images
 from support.raw_http import host_port, multipart
-from support.server import metric, serving
+from support.server import metric, running, serving, settings_for
 
+from service import create_app
 from service.artifacts import read_artifacts
 from service.backends import OnnxRuntimeBackend
 
@@ -202,3 +203,18 @@ def test_a_client_gone_mid_inference_is_a_499_and_its_image_is_not_computed(arti
         text = metrics(url)
         assert metric(text, "vitae_dropped_images_total", model="classify", reason="cancelled") == 1
         assert classify_count(url, 500) == 0
+
+
+READINESS_ROUTES = ("/readyz", "/v2/health/ready", "/v2/models/vitae_fmnist/ready")
+
+
+def test_every_readiness_route_turns_503_together_when_the_service_drains(artifacts):
+    app = create_app(settings_for(artifacts))
+    with running(app) as url:
+        assert [httpx.get(url + path).status_code for path in READINESS_ROUTES] == [200, 200, 200]
+        app.state.service.begin_drain()  # what the SIGTERM handler calls (service.server.DrainingServer)
+        answers = [httpx.get(url + path) for path in READINESS_ROUTES]
+        assert [a.status_code for a in answers] == [503, 503, 503]
+        assert answers[0].json()["status"] == "draining"
+        assert all("draining" in a.json()["error"] for a in answers[1:]), [a.text for a in answers]
+        assert post(url, sample_images(1)[0]).status_code == 200  # still serving through the grace

@@ -31,7 +31,7 @@ async def readyz(state: StateDep) -> JSONResponse:
         body["reason"] = rt.reason
     if state.error:
         body["detail"] = state.error
-    return JSONResponse(body, status_code=200 if state.status is Status.READY else 503)
+    return JSONResponse(body, status_code=200 if state.ready else 503)
 
 
 @router.get("/metrics", response_class=Response)

@@ -24,7 +24,7 @@ from .. import v2
 from ..artifacts import ServedModel
 from ..dependencies import ApiKeyDep, RuntimeDep, StateDep
 from ..dispatch import Options, infer
-from ..lifecycle import Status
+from ..lifecycle import ServiceState, Status
 from ..middleware import BodyTooLarge
 from ..v2.flow import cam_available, cam_target, check_outputs, model_inputs, output_tensor
 from ..v2.stats import model_stats
@@ -105,9 +105,17 @@ async def server_live(state: StateDep) -> dict:
     return {"live": True}
 
 
+def require_ready(state: ServiceState) -> None:
+    """503 unless the service is ready, by the same decision as /readyz (draining included)."""
+    if not state.ready:
+        detail = f"not ready: the service is {state.status.value}" + (f" ({state.error})" if state.error else "")
+        raise HTTPException(503, detail=detail, headers={"Retry-After": "5"})
+
+
 @router.get("/health/ready", summary="Server readiness")
-async def server_ready(runtime: RuntimeDep) -> dict:
-    """200 once the model is loaded and warmed up; 503 while loading, draining or failed."""
+async def server_ready(state: StateDep) -> dict:
+    """200 once the model is loaded and warmed up; 503 while loading, draining or failed, as /readyz."""
+    require_ready(state)
     return {"ready": True}
 
 
@@ -124,8 +132,9 @@ async def one_model_stats(state: StateDep, served: ModelDep, _: ApiKeyDep) -> di
 
 
 @both_paths(router.get, "/ready", summary="Model readiness")
-async def model_ready(served: ModelDep) -> dict:
-    """200 when the model (and version, if given) is served and ready; 404 for another name or version."""
+async def model_ready(state: StateDep, served: ModelDep) -> dict:
+    """200 when the model (and version, if given) is served and ready, as /readyz; 404 for another name or version."""
+    require_ready(state)
     return {"name": served.name, "ready": True}
 
 
