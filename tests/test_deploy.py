@@ -28,11 +28,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-import jsonschema
 import pytest
-import yaml
+from support.optional import DEV_ONLY
 
 from service.settings import Settings
+
+jsonschema = pytest.importorskip("jsonschema", reason=f"jsonschema is {DEV_ONLY}")
+yaml = pytest.importorskip("yaml", reason=f"pyyaml is {DEV_ONLY}")
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"

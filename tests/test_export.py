@@ -17,7 +17,7 @@ from google.protobuf import text_format
 from onnx import TensorProto, helper
 from safetensors.torch import load_file
 from support.checkpoints import DEMO_CHECKPOINT, FIXTURES, ROOT, SHARED_REFERENCE
-from tritonclient.grpc import model_config_pb2
+from support.optional import triton_model_config
 
 from export import artifacts_are_fresh, export_artifacts
 from export.fold import fold_batchnorms
@@ -249,6 +249,7 @@ def test_foreign_weights_without_a_variant_ask_for_one(tmp_path):
 
 
 def test_triton_config_agrees_with_the_onnx_model(tiny_export):
+    model_config_pb2 = triton_model_config()
     out, meta, repo = tiny_export
     config = text_format.Parse((repo / "vitae" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     graph = onnx.load(str(repo / "vitae" / "1" / "model.onnx")).graph

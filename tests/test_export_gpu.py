@@ -16,6 +16,7 @@ import onnx
 import pytest
 from google.protobuf import text_format
 from support.checkpoints import DEMO_CHECKPOINT, ROOT, tiny_model
+from support.optional import triton_model_config
 
 import export.tensorrt as trt_step
 from export import export_artifacts
@@ -126,7 +127,7 @@ def test_a_timing_cache_from_elsewhere_is_discarded_and_rebuilt(gpu_export, tmp_
 
 
 def test_triton_repository_defaults_to_onnx_with_the_tensorrt_accelerator_and_labels_the_plan(gpu_export):
-    from tritonclient.grpc import model_config_pb2
+    model_config_pb2 = triton_model_config()
 
     _, meta, repo = gpu_export
     onnx_config = text_format.Parse((repo / MODEL_NAME / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())

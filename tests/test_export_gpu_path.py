@@ -16,7 +16,7 @@ import torch
 from google.protobuf import text_format
 from onnx import TensorProto, helper
 from support.checkpoints import SHARED_REFERENCE, tiny_model
-from tritonclient.grpc import model_config_pb2
+from support.optional import triton_model_config
 
 from export import export_artifacts
 from export.artifacts import ArtifactsMetadata
@@ -163,6 +163,7 @@ def tiny_artifacts(tiny_checkpoint, tmp_path_factory):
 
 
 def test_triton_default_is_the_onnx_model_with_the_tensorrt_accelerator(tiny_artifacts, tmp_path):
+    model_config_pb2 = triton_model_config()
     out, meta = tiny_artifacts
     (folder,) = write_repository(out, meta, tmp_path)
     config = text_format.Parse((folder / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
@@ -179,6 +180,7 @@ def test_triton_plan_only_on_request_and_named_after_its_tensorrt(tiny_artifacts
     built = dataclasses.replace(
         meta, tensorrt={"version": "10.13.3.9", "gpu_name": "NVIDIA H200", "compute_capability": "9.0"}
     )
+    model_config_pb2 = triton_model_config()
     text = config_pbtxt(built, plan=True)
     config = text_format.Parse(text, model_config_pb2.ModelConfig())
     assert config.name == plan_model_name("10.13.3.9") == "vitae_trt10_13_3" and config.platform == "tensorrt_plan"

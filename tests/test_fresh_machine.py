@@ -14,8 +14,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from support.optional import DEV_ONLY
 
 from export.inputs import SAMPLES, drawn_images, real_images
 from model.data import FASHION_MNIST_DIR, FASHION_MNIST_ENV, fashion_mnist_dir
@@ -24,12 +23,18 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO_CHECKPOINT = ROOT / "demo" / "model" / "vitae_fmnist.safetensors"
 
 
-@settings(max_examples=300, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), count=st.integers(0, 6), size=st.integers(2, 96))
-def test_drawn_images_are_valid_for_every_seed_count_and_size(seed, count, size):
-    images = drawn_images(count, size=size, seed=seed)
-    assert len(images) == count
-    assert all(image.size == (size, size) and image.mode == "RGB" for image in images)
+def test_drawn_images_are_valid_for_every_seed_count_and_size():
+    hypothesis = pytest.importorskip("hypothesis", reason=f"hypothesis is {DEV_ONLY}")
+    st = hypothesis.strategies
+
+    @hypothesis.settings(max_examples=300, deadline=None)
+    @hypothesis.given(seed=st.integers(0, 2**32 - 1), count=st.integers(0, 6), size=st.integers(2, 96))
+    def check(seed, count, size):
+        images = drawn_images(count, size=size, seed=seed)
+        assert len(images) == count
+        assert all(image.size == (size, size) and image.mode == "RGB" for image in images)
+
+    check()
 
 
 @pytest.mark.parametrize("count", [1, 20, 21, 64, 256])

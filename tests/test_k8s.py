@@ -25,15 +25,17 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
-import jsonschema
-import kubernetes_validate
 import pytest
-import yaml
 from fastapi import FastAPI
 from starlette.routing import Match
+from support.optional import DEV_ONLY
 
 from service.metrics import Metrics
 from service.settings import Settings
+
+jsonschema = pytest.importorskip("jsonschema", reason=f"jsonschema is {DEV_ONLY}")
+kubernetes_validate = pytest.importorskip("kubernetes_validate", reason=f"kubernetes-validate is {DEV_ONLY}")
+yaml = pytest.importorskip("yaml", reason=f"pyyaml is {DEV_ONLY}")
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import httpx
 import pytest
-import schemathesis
-from hypothesis import HealthCheck, given, settings
-from schemathesis import GenerationMode
 from support.checkpoints import exported
+from support.optional import DEV_ONLY
 from support.server import serving
+
+schemathesis = pytest.importorskip("schemathesis", reason=f"schemathesis is {DEV_ONLY}")
+from hypothesis import HealthCheck, given, settings  # noqa: E402  (schemathesis brings hypothesis)
+from schemathesis import GenerationMode  # noqa: E402
 
 API_KEY = "fuzz-key"
 EXAMPLES = 40  # per generation mode: about a minute in all on a busy 2-core machine

@@ -12,14 +12,16 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-import tritonclient.http as triton
 from support.checkpoints import FASHION_CLASSES, exported
 from support.images import drawn_image, encode, sample_images
+from support.optional import DEV_ONLY
 from support.server import metric, serving
-from tritonclient.utils import InferenceServerException
 
 from model import Preprocessing
 from model.preprocess import decode_image, preprocess, resize_size
+
+triton = pytest.importorskip("tritonclient.http", reason=f"tritonclient is {DEV_ONLY}")
+InferenceServerException = pytest.importorskip("tritonclient.utils").InferenceServerException
 
 MODEL = "vitae_fmnist"
 

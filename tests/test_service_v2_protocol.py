@@ -8,10 +8,12 @@ import zlib
 
 import numpy as np
 import pytest
-import tritonclient.http as triton
-from tritonclient.utils import serialize_byte_tensor
+from support.optional import DEV_ONLY
 
 from service import v2
+
+triton = pytest.importorskip("tritonclient.http", reason=f"tritonclient is {DEV_ONLY}")
+serialize_byte_tensor = pytest.importorskip("tritonclient.utils").serialize_byte_tensor
 
 
 def request_body(*inputs: triton.InferInput, **kwargs) -> tuple[bytes, str | None]:
