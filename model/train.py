@@ -394,11 +394,11 @@ class ResumeState:
     model: dict[str, Any]
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
-    scaler: dict[str, Any] | None  # empty (older files: None) when no fp16 scaling ran
+    scaler: dict[str, Any] | None  # empty or None when no fp16 scaling ran
     ema: dict[str, Any] | None
     epoch: int  # epochs done
     best: dict[str, Any]
-    rng: list[dict[str, Any]]  # one per rank (older single-process files: one dict)
+    rng: list[dict[str, Any]]  # one per rank (a single-process file may hold one dict)
 
 
 def save_state(path: Path, t: Training, process: Process, epoch: int, best: dict[str, Any]) -> None:
