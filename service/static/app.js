@@ -102,7 +102,7 @@ function classCount(model) {
 }
 
 function showModel(model) {
-  // Fields may sit at the top level or inside a `backend` object, depending on the service's version.
+  // Device and precision are read at the top level of /model, or inside a `backend` object when it is one.
   const inner = model.backend && typeof model.backend === "object" ? model.backend : {};
   const name = describeValue(model.name) || "unnamed model";
   const version = describeValue(model.version);
