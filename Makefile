@@ -8,12 +8,12 @@ FMNIST := /usr/share/datasets/fashion-mnist
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data browser ui-screenshot serve test gpu-setup test-gpu lint export train-demo evaluate-demo bench bench-export bench-service bench-accuracy
+.PHONY: setup data browser ui-screenshot serve test gpu-setup test-gpu lint docs export train-demo evaluate-demo bench bench-export bench-service bench-accuracy
 
 setup: $(VENV)/.installed
 
 # torch is pinned to 2.13.0: on these machines pip takes that CPU build from local disk, while an
-# unpinned torch would download a multi-GB CUDA build (see README, "Why torch==2.13.0").
+# unpinned torch would download a multi-GB CUDA build (README, Quickstart).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
@@ -34,7 +34,8 @@ $(CHROMIUM):
 	$(SUDO) apt-get update -qq
 	$(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
-# The README's picture of the web page: taken by the browser tests (test-artifacts/ui/readme.png), copied here.
+# The picture of the web page in the README and docs/serving/web-page.md: taken by the browser tests
+# (test-artifacts/ui/readme.png), copied to docs/ui.png.
 ui-screenshot: setup browser
 	$(BIN)/python -m pytest -q tests/test_service_ui.py -k several
 	mkdir -p docs
@@ -56,7 +57,7 @@ export: setup
 # Two 1-thread processes (global batch 2 x 64 = 128) train faster on two CPU cores than one 2-thread process.
 TRAIN2 := OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node 2 -m model.train
 
-# The shipped demo model, trained on this 2-core CPU machine in one run (README, "The demo model"): 40 epochs from
+# The shipped demo model, trained on a 2-core CPU machine in one run (docs/training/demo-model.md): 92 epochs from
 # scratch at a constant peak rate, cosine-decayed over the last 12, with an EMA of the weights; best.* is chosen on
 # the last 5,000 training images, which it never trains on. The test set is not loaded; it is measured once, at the end.
 train-demo: setup data
@@ -71,6 +72,10 @@ evaluate-demo: setup data
 	$(BIN)/python -m model.evaluate --checkpoint demo/model/vitae_fmnist.safetensors --data fashion-mnist
 
 bench: bench-export bench-service bench-accuracy
+
+# The docs site (mkdocs.yml) into site/; offline. The tests build it with --strict too (tests/test_docs.py).
+docs: setup
+	$(BIN)/mkdocs build --strict --site-dir site
 
 bench-export: setup
 	$(BIN)/python benchmarks/bench_export.py
