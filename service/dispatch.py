@@ -101,6 +101,14 @@ def submit_all(batcher: Batcher, payloads: list, timeout_s: float) -> list[Job]:
     return jobs
 
 
+def refuse_failed(outcomes: list[Outcome[ClassifyOutput]]) -> None:
+    """500 naming the cause when an image has no answer (its outputs were not finite, see service.numerics)."""
+    failed = [(i, o.result.failure) for i, o in enumerate(outcomes) if o.result.failure]
+    if failed:
+        which = ", ".join(str(i) for i, _ in failed)
+        raise HTTPException(500, detail=f"no answer for image {which} of {len(outcomes)}: {failed[0][1]}")
+
+
 @dataclass(frozen=True)
 class Answer:
     outcome: Outcome[ClassifyOutput]
@@ -121,6 +129,7 @@ async def infer(
         max(0.001, deadline - time.monotonic()),
     )
     outcomes = await await_jobs(request, jobs, deadline)
+    refuse_failed(outcomes)
     if not (cam and layer is not None):
         return [Answer(o, o.result.cam_raw, o.result.cam_class, 0.0) for o in outcomes]
     # The CAM explains the backend's own top-1 unless a class was asked for.

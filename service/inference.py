@@ -14,6 +14,7 @@ from model.preprocess import decode_image, preprocess, resize_size
 from .artifacts import ServedModel
 from .backends import Backend
 from .gradcam import AutogradGradCAM
+from .numerics import Guarded, NonFiniteGuard
 from .postprocess import last_cell_cam
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -60,19 +61,25 @@ class ClassifyOutput:
     cam_class: int | None
     cam_raw: np.ndarray | None  # (h, w), before ReLU
     tokens: np.ndarray | None = None  # (N, D) last-cell tokens, a view into the batch's output
+    failure: str | None = None  # why this image has no answer (outputs not finite); its request answers 500
 
 
-def classify_batch(backend: Backend, served: ServedModel, inputs: Sequence[ClassifyInput]) -> list[ClassifyOutput]:
-    """One backend call for the batch; last-cell CAMs for the images that asked, each for its own class."""
+def classify_batch(
+    backend: Backend, served: ServedModel, inputs: Sequence[ClassifyInput], guard: NonFiniteGuard | None = None
+) -> list[ClassifyOutput]:
+    """One backend call for the batch (through `guard`, when given); last-cell CAMs for the images that asked."""
     images = np.stack([item.pixels for item in inputs])  # (B, C, S, S)
-    logits, tokens = backend.infer(images)  # (B, K), (B, N, D)
-    want = [i for i, item in enumerate(inputs) if item.cam]
+    out = guard(images) if guard is not None else Guarded(*backend.infer(images))
+    logits, tokens, failed = out.logits, out.tokens, out.failed  # (B, K), (B, N, D)
+    want = [i for i, item in enumerate(inputs) if item.cam and i not in failed]
     targets = {i: inputs[i].cam_class if inputs[i].cam_class is not None else int(np.argmax(logits[i])) for i in want}
     maps = {}
     if want:
         raw = last_cell_cam(tokens[want], served.head_weight, np.array([targets[i] for i in want]), served.grid)
         maps = dict(zip(want, raw, strict=True))
-    return [ClassifyOutput(logits[i], targets.get(i), maps.get(i), tokens[i]) for i in range(len(inputs))]
+    return [
+        ClassifyOutput(logits[i], targets.get(i), maps.get(i), tokens[i], failed.get(i)) for i in range(len(inputs))
+    ]
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from .batcher import Batcher
 from .gradcam import AutogradGradCAM
 from .inference import ClassifyInput, ClassifyOutput, GradCAMInput, classify_batch, gradcam_batch
 from .metrics import Metrics
+from .numerics import NonFiniteGuard
 from .settings import Settings
 
 log = logging.getLogger("service")
@@ -61,6 +62,7 @@ class Runtime:
     classifier: Batcher[ClassifyInput, ClassifyOutput]
     explainer: Batcher[GradCAMInput, np.ndarray] | None
     cam_cells: list[str]
+    guard: NonFiniteGuard
 
 
 @dataclass
@@ -152,9 +154,9 @@ async def _start_runtime(state: ServiceState, served: ServedModel, backend: Back
     """Warm the backend up on the classify batcher's worker, then start both batchers."""
     settings, metrics = state.settings, state.metrics
     max_batch = classify_max_batch(settings, backend, served)
-    classifier = _batcher(
-        partial(classify_batch, backend, served), settings, metrics, "classify", max_batch, streams_of(backend)
-    )
+    guard = NonFiniteGuard.with_onnxruntime_fp32(backend, served, settings.threads, metrics)
+    run = partial(classify_batch, backend, served, guard=guard)
+    classifier = _batcher(run, settings, metrics, "classify", max_batch, streams_of(backend))
     await classifier.run_on_worker(_warm_up, backend, served, max_batch)
     explainer_model = await asyncio.to_thread(_load_explainer, served)
     explainer = None
@@ -165,7 +167,7 @@ async def _start_runtime(state: ServiceState, served: ServedModel, backend: Back
         explainer.start()
     classifier.start()
     cam_cells = [cell.name for cell in explainer_model.cells] if explainer_model else []
-    return Runtime(served, backend, reason, classifier, explainer, cam_cells)
+    return Runtime(served, backend, reason, classifier, explainer, cam_cells, guard)
 
 
 async def load_model(state: ServiceState, backend: Backend | None = None) -> None:
@@ -222,6 +224,7 @@ async def _shut_down(state: ServiceState) -> None:
         if runtime.explainer is not None:
             await runtime.explainer.close()
         runtime.backend.close()
+        runtime.guard.close()
     state.pool.shutdown(wait=True, cancel_futures=False)
     log.info("stopped")
 

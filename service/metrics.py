@@ -45,6 +45,12 @@ class Metrics:
         self.batch_failures = Counter(
             "vitae_batch_failures", "Batches whose backend call raised", ["model"], registry=r
         )
+        self.nonfinite = Counter(
+            "vitae_nonfinite_images",
+            "Images whose backend outputs held NaN or infinity, by outcome: recomputed_fp32 or refused (a 500)",
+            ["outcome"],
+            registry=r,
+        )
         self.backend = Gauge("vitae_backend_info", "The backend in use (value 1)", ["backend", "device"], registry=r)
         self.ready = Gauge("vitae_ready", "1 once the model is loaded and warmed up", registry=r)
 

@@ -18,6 +18,7 @@ from ..classify_flow import prepare_all, resolve_cam_layer
 from ..dispatch import Answer
 from ..inference import PreparedImage
 from ..lifecycle import Runtime, ServiceState
+from ..numerics import range_problem
 from ..postprocess import normalize_cam
 from . import (
     IMAGE_BYTES,
@@ -91,8 +92,9 @@ async def model_inputs(
         )
     if tensor.name == IMAGES:
         pixels = tensor.data  # (B, C, S, S)
-        if not np.isfinite(pixels).all():
-            raise ProtocolError(f"input '{IMAGES}' holds NaN or infinite values")
+        problem = range_problem(pixels, served.preprocessing, IMAGES)
+        if problem:
+            raise ProtocolError(problem)
         return [PreparedImage(pixels[i], None) for i in range(count)]
     encoded = tensor.data if tensor.binary else [from_base64(item, i) for i, item in enumerate(tensor.data)]
     prepared = await prepare_all(state, served, encoded, keep_original=False)
