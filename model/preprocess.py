@@ -107,16 +107,21 @@ def resize_size(prep: Preprocessing) -> int:
     return math.floor(prep.img_size / prep.crop_pct)
 
 
-def resize_and_crop(image: Image.Image, prep: Preprocessing) -> Image.Image:
-    """Resize the shorter side to img_size / crop_pct, then center-crop img_size x img_size."""
-    width, height = image.size
+def crop_geometry(width: int, height: int, prep: Preprocessing) -> tuple[int, int, int, int]:
+    """(new_w, new_h, left, top): the size the shorter side is resized to img_size / crop_pct at, and the corner
+    of the centred img_size x img_size crop. Shared by the PIL path and the tensor path (service.gpu_decode)."""
     short = resize_size(prep)
     if width <= height:
         new_w, new_h = short, max(1, round(height * short / width))
     else:
         new_w, new_h = max(1, round(width * short / height)), short
-    left = (new_w - prep.img_size) // 2
-    top = (new_h - prep.img_size) // 2
+    return new_w, new_h, (new_w - prep.img_size) // 2, (new_h - prep.img_size) // 2
+
+
+def resize_and_crop(image: Image.Image, prep: Preprocessing) -> Image.Image:
+    """Resize the shorter side to img_size / crop_pct, then center-crop img_size x img_size."""
+    width, height = image.size
+    new_w, new_h, left, top = crop_geometry(width, height, prep)
     if (new_w, new_h) == (width, height):
         return image.crop((left, top, left + prep.img_size, top + prep.img_size))
     # Resample only the crop: the source box that maps onto it gives the same pixels as resizing the whole
