@@ -13,6 +13,10 @@ import numpy as np
 from .errors import ProtocolError
 from .tensors import DATATYPES, HEADER_LENGTH, NUMPY_TYPES, Tensor, unpack_bytes
 
+# Deepest nesting of arrays and objects accepted in a request's JSON: a request of nested 'data' lists needs
+# 3 + its number of dimensions; Python's parser recurses per level and fails past about a thousand.
+MAX_JSON_DEPTH = 32
+
 
 @dataclass(frozen=True)
 class RequestedOutput:
@@ -65,9 +69,37 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     return body[:length], body[length:]
 
 
+def nests_too_deep(text: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether the arrays and objects of a JSON text nest deeper than `limit` (brackets in strings do not count).
+
+    Vectorised, so that a large body costs milliseconds rather than a Python loop per character: a quote is a
+    string's edge unless an odd run of backslashes precedes it, and a bracket counts when an even number of
+    edges precede it.
+    """
+    if text.count(b"[") + text.count(b"{") <= limit:
+        return False  # the common case, no scan
+    chars = np.frombuffer(text, np.uint8)
+    positions = np.arange(len(chars), dtype=np.int32)
+    last_other = np.maximum.accumulate(np.where(chars != ord("\\"), positions, -1))  # last non-backslash so far
+    quotes = np.flatnonzero(chars == ord('"'))
+    run = np.where(quotes > 0, quotes - 1 - last_other[np.maximum(quotes - 1, 0)], 0)  # backslashes before each
+    edges = np.zeros(len(chars), np.int8)
+    edges[quotes[run % 2 == 0]] = 1
+    outside = np.cumsum(edges, dtype=np.int32) % 2 == 0  # a string's closing quote counts as outside
+    steps = np.zeros(len(chars), np.int8)
+    steps[(chars == ord("[")) | (chars == ord("{"))] = 1
+    steps[(chars == ord("]")) | (chars == ord("}"))] = -1
+    return int(np.cumsum(np.where(outside, steps, 0), dtype=np.int32).max(initial=0)) > limit
+
+
 def parse_infer_request(body: bytes, header_length: str | None = None) -> InferRequest:
     """Body bytes (+ the Inference-Header-Content-Length header, if sent) -> inputs as arrays, outputs asked for."""
     head, binary = split_body(body, header_length)
+    if nests_too_deep(head):
+        raise ProtocolError(
+            f"the request's JSON nests arrays or objects more than {MAX_JSON_DEPTH} deep; a v2 request needs "
+            "a few levels (nested 'data' lists at most one per dimension)"
+        )
     try:
         request = json.loads(head)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
