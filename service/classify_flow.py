@@ -3,7 +3,7 @@
 1. resolve_options   query parameters -> top-k, CAM class and cell (422 when wrong)
 2. read_uploads      multipart 'file' parts or a raw image body -> bytes (400 / 415)
 3. prepare_all       bytes -> model input in the decode pool; a bad image becomes its own error (400 / 413);
-                     steps 3-5 run `service.dispatch.within_deadline` (504 past VITAE_REQUEST_TIMEOUT_S)
+                     steps 2-5 run `service.dispatch.within_deadline` (504 past VITAE_REQUEST_TIMEOUT_S)
 4. infer             `service.dispatch.infer`: through the classify batcher (and the Grad-CAM batcher for an
                      earlier cell); 504 at the deadline, 499 on disconnect, 503 when the queue is full
 5. shape_result      logits -> top-k, CAM -> pictures, timings -> the response model

@@ -2,7 +2,7 @@
 
 Shared by /classify (`service.classify_flow`) and the KServe v2 infer route (`service.v2.flow`), so both kinds
 of traffic share batches, limits, deadlines and metrics.
-1. within_deadline   504 when decoding, inference and CAM drawing pass VITAE_REQUEST_TIMEOUT_S
+1. within_deadline   504 when reading, parsing, decoding, inference and encoding pass VITAE_REQUEST_TIMEOUT_S
 2. submit_all        queue every job or none (503 with Retry-After when full or shutting down)
 3. await_jobs        every outcome; 504 at the deadline, 499 on disconnect, cancelling what has not run
 4. infer             the classify batcher, then the Grad-CAM batcher when a CAM of an earlier cell is asked for
@@ -37,8 +37,9 @@ class Options:
 
 @asynccontextmanager
 async def within_deadline(deadline: float) -> AsyncIterator[None]:
-    """504 when decoding, inference and CAM drawing together pass the request's deadline (time.monotonic()).
+    """504 when a request's work passes its deadline (time.monotonic()).
 
+    The work: reading multipart uploads, parsing a v2 body, decoding, inference, CAM drawing, encoding the answer.
     What has not started is cancelled (queued decodes and batcher jobs); a decode already running in the
     pool finishes there, bounded by VITAE_MAX_IMAGE_PIXELS and VITAE_CAM_MAX_SIDE.
     """

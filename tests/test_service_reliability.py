@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import logging
 import socket
 import threading
@@ -151,8 +152,50 @@ def test_the_deadline_covers_decoding_not_only_inference(artifacts):
         assert "VITAE_REQUEST_TIMEOUT_S" in response.json()["detail"]
         text = metrics(url)
         # Cut short while decoding: nothing reached the batcher, not even to expire there.
-        assert metric(text, "vitae_batch_size_count", model="classify") == 0
-        assert metric(text, "vitae_dropped_images_total", model="classify", reason="expired") == 0
+        assert nothing_queued(text)
+
+
+def nothing_queued(text: str) -> bool:
+    """No image reached the classify batcher: none batched, none dropped from its queue for any reason."""
+    dropped = [
+        metric(text, "vitae_dropped_images_total", model="classify", reason=r) for r in ("deadline", "cancelled")
+    ]
+    return metric(text, "vitae_batch_size_count", model="classify") == 0 and dropped == [0, 0]
+
+
+def test_the_v2_deadline_covers_decoding_image_bytes(artifacts):
+    big = encode(Image.new("L", (6000, 6000), 128), "PNG")
+    header = {"inputs": [{"name": "image_bytes", "shape": [8, 1], "datatype": "BYTES"}]}
+    payload = b"".join(len(big).to_bytes(4, "little") + big for _ in range(8))
+    header["inputs"][0]["parameters"] = {"binary_data_size": len(payload)}
+    head = json.dumps(header).encode()
+    headers = {"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"}
+    with serving(artifacts, request_timeout_s=0.3) as url:
+        response = httpx.post(
+            f"{url}/v2/models/vitae_fmnist/infer", content=head + payload, headers=headers, timeout=120
+        )
+        assert response.status_code == 504, response.text
+        assert "VITAE_REQUEST_TIMEOUT_S" in response.json()["error"]
+        assert nothing_queued(metrics(url)), "the deadline passed while decoding, yet images were queued"
+
+
+def test_json_nested_thousands_deep_is_a_400_in_the_protocols_error_body_without_a_traceback(artifacts, caplog):
+    deep_array, deep_object = "[" * 5000 + "]" * 5000, '{"a":' * 5000 + "1" + "}" * 5000
+
+    def image(data: str) -> str:
+        return '{"name": "images", "shape": [1], "datatype": "FP32", "data": ' + data + "}"
+
+    bodies = [  # deep in 'data', in 'parameters', in 'id'
+        '{"inputs": [' + image(deep_array) + "]}",
+        '{"inputs": [' + image("[0]") + '], "parameters": {"x": ' + deep_array + "}}",
+        '{"id": ' + deep_object + ', "inputs": [' + image("[0]") + "]}",
+    ]
+    with caplog.at_level(logging.INFO), serving(artifacts) as url:
+        for body in bodies:
+            response = httpx.post(f"{url}/v2/models/vitae_fmnist/infer", content=body, timeout=120)
+            assert response.status_code == 400, response.text[:300]
+            assert "nests" in response.json()["error"], response.text[:300]
+    assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]
 
 
 def test_cam_for_a_huge_image_is_drawn_within_cam_max_side(artifacts):

@@ -85,8 +85,8 @@ async def classify(
     arrived = time.monotonic()
     served = runtime.served
     opts = resolve_options(runtime, top_k_, cam, cam_class, cam_layer)
-    uploads = await read_uploads(request, state.settings.max_files)
     async with within_deadline(arrived + state.settings.request_timeout_s):
+        uploads = await read_uploads(request, state.settings.max_files)
         prepared = await prepare_all(state, served, uploads, keep_original=cam)
         if len(prepared) == 1 and isinstance(prepared[0], HTTPException):
             raise prepared[0]

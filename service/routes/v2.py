@@ -9,6 +9,7 @@ Every error of these routes, including the API key's 401 and the loading 503, an
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Coroutine
 from importlib import metadata
@@ -18,14 +19,16 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import v2
 from ..artifacts import ServedModel
 from ..dependencies import ApiKeyDep, RuntimeDep, StateDep
-from ..dispatch import Options, infer
+from ..dispatch import Options, infer, within_deadline
 from ..lifecycle import ServiceState, Status
 from ..middleware import BodyTooLarge
+from ..settings import Settings
 from ..v2.flow import cam_available, cam_target, check_outputs, model_inputs, output_tensor
 from ..v2.stats import model_stats
 
@@ -191,16 +194,37 @@ async def model_infer(
 ) -> Response:
     """Classify a batch given as `images` or `image_bytes`; JSON or binary tensor data, in and out."""
     arrived = time.monotonic()
-    body = v2.inflate(await request.body(), request.headers.get("content-encoding"), state.settings.max_upload_bytes)
-    parsed = v2.parse_infer_request(body, request.headers.get(v2.HEADER_LENGTH))
-    sig = v2.signature(served, cam=cam_available(runtime))
-    wanted = parsed.outputs or [v2.RequestedOutput(v2.LOGITS, parsed.binary_default)]
-    check_outputs(wanted, sig, served)
-    cam = any(out.name == v2.CAM for out in wanted)
-    target, layer = cam_target(parsed.parameters, served, runtime) if cam else (None, None)
-    images = await model_inputs(parsed.inputs, sig, state, served)
-    opts = Options(k=0, cam=cam, target=target, layer=layer)
-    answers = await infer(request, state, runtime, images, opts, arrived)
-    outputs = [(output_tensor(out, answers, served), out.binary) for out in wanted]
-    content, headers = v2.encode_infer_response(served.name, served.version, parsed.id, outputs)
+    body = await request.body()
+    # One deadline over every step after the body arrived: parsing, decoding, inference and encoding.
+    async with within_deadline(arrived + state.settings.request_timeout_s):
+        parsed = await off_the_loop_when_large(len(body), parse_body, body, request.headers, state.settings)
+        sig = v2.signature(served, cam=cam_available(runtime))
+        wanted = parsed.outputs or [v2.RequestedOutput(v2.LOGITS, parsed.binary_default)]
+        check_outputs(wanted, sig, served)
+        cam = any(out.name == v2.CAM for out in wanted)
+        target, layer = cam_target(parsed.parameters, served, runtime) if cam else (None, None)
+        images = await model_inputs(parsed.inputs, sig, state, served)
+        answers = await infer(
+            request, state, runtime, images, Options(k=0, cam=cam, target=target, layer=layer), arrived
+        )
+        outputs = [(output_tensor(out, answers, served), out.binary) for out in wanted]
+        content, headers = await off_the_loop_when_large(
+            len(body), v2.encode_infer_response, served.name, served.version, parsed.id, outputs
+        )
     return Response(content, headers=headers)
+
+
+# Bodies at least this large are parsed (and their answers encoded) on a worker thread: a 16 MB JSON body takes
+# the CPU for a good part of a second, during which the event loop would answer no probe and no other request.
+OFF_THE_LOOP_BYTES = 256 * 1024
+
+
+def parse_body(body: bytes, headers: Headers, settings: Settings) -> v2.InferRequest:
+    """The body inflated (Content-Encoding) and parsed into tensors."""
+    body = v2.inflate(body, headers.get("content-encoding"), settings.max_upload_bytes)
+    return v2.parse_infer_request(body, headers.get(v2.HEADER_LENGTH))
+
+
+async def off_the_loop_when_large(size: int, fn: Callable, *args: Any) -> Any:
+    """fn(*args) on a worker thread when the request is large, else right here."""
+    return await asyncio.to_thread(fn, *args) if size >= OFF_THE_LOOP_BYTES else fn(*args)
