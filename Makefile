@@ -8,7 +8,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data browser ui-screenshot serve test gpu-setup test-gpu lint docs export train-demo evaluate-demo bench bench-export bench-service bench-accuracy
+.PHONY: setup data browser ui-screenshot serve test gpu-setup test-gpu wheels lint docs export train-demo evaluate-demo bench bench-export bench-service bench-accuracy
 
 setup: $(VENV)/.installed
 
@@ -102,3 +102,17 @@ gpu-setup: setup
 
 test-gpu: gpu-setup
 	$(BIN)/python -m pytest -q -rs -m gpu
+
+# On a connected machine: the cp312 manylinux wheels of what the service needs beyond what the offline GPU machine's
+# image already has (it has torch, torchvision, numpy, pillow, onnx, onnxruntime, safetensors, anyio, click, h11,
+# idna, pyyaml, uvloop, typing-extensions, prometheus-client, httpx), for benchmarks/gpu_check.sh to install
+# there without a network. 16 wheels, 5.2 MB (measured); .whl/ is ignored by git and travels with the working tree.
+WHEEL_TARGET := --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64
+GPU_IMAGE_HAS := anyio click h11 idna pyyaml uvloop typing_extensions
+wheels:
+	rm -rf .whl && mkdir -p .whl
+	$(PYTHON) -m pip download --quiet -d .whl $(WHEEL_TARGET) fastapi 'pydantic-settings>=2.4' \
+		'uvicorn[standard]>=0.30' 'python-multipart>=0.0.9' 'fastapi-offline>=1.7'
+	for name in $(GPU_IMAGE_HAS); do rm -f .whl/$$name-*.whl; done
+	du -sh .whl
