@@ -29,6 +29,8 @@ async def readyz(state: StateDep) -> JSONResponse:
         body |= {"model": rt.served.name, "version": rt.served.version, "backend": rt.backend.name}
         body |= {"device": rt.backend.device, "precision": precision_of(rt.backend), "streams": streams_of(rt.backend)}
         body["reason"] = rt.reason
+        if getattr(rt.backend, "precision_gate", None):  # the PyTorch-CUDA backend's measured precision choice
+            body["precision_gate"] = rt.backend.precision_gate
     if state.error:
         body["detail"] = state.error
     return JSONResponse(body, status_code=200 if state.ready else 503)
@@ -55,4 +57,6 @@ async def model_card(runtime: RuntimeDep, _: ApiKeyDep) -> dict:
         "device": runtime.backend.device,
         "precision": precision_of(runtime.backend),
         "streams": streams_of(runtime.backend),
+        "reason": runtime.reason,  # why this backend, and why its precision
+        "precision_gate": getattr(runtime.backend, "precision_gate", None) or None,  # vs fp32, per candidate
     }
