@@ -83,3 +83,28 @@ def model_inputs(prep: Preprocessing, count: int) -> tuple[np.ndarray, str]:
     """`count` real images through the checkpoint's own preprocessing: float32 (count, C, S, S)."""
     images, origin = real_images(count)
     return np.stack([preprocess(image, prep) for image in images]), origin
+
+
+def stress_images(size: int) -> tuple[list[Image.Image], list[str]]:
+    """Flat and extreme pictures, each named: the inputs reduced precision breaks first.
+
+    Natural images keep activations in a comfortable range; a flat picture gives every token the same value
+    (zero variance into each LayerNorm), saturated ones push the preprocessing's output to its ends, and a
+    hard checkerboard or noise puts the largest differences between neighbouring pixels into the convolutions.
+    """
+    flat = {
+        "black": (0, 0, 0),
+        "white": (255, 255, 255),
+        "grey": (128, 128, 128),
+        "red": (255, 0, 0),
+        "green": (0, 255, 0),
+        "blue": (0, 0, 255),
+    }
+    images = {name: Image.new("RGB", (size, size), colour) for name, colour in flat.items()}
+    ys, xs = np.mgrid[0:size, 0:size]  # (S, S) each
+    images["checkerboard"] = Image.fromarray((((ys + xs) % 2) * 255).astype(np.uint8), "L")
+    images["noise"] = Image.fromarray(np.random.default_rng(0).integers(0, 2, (size, size, 3), np.uint8) * 255, "RGB")
+    dot = np.zeros((size, size), np.uint8)
+    dot[size // 2, size // 2] = 255
+    images["one white pixel"] = Image.fromarray(dot, "L")
+    return list(images.values()), list(images)

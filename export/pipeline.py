@@ -50,7 +50,7 @@ from .inputs import model_inputs
 from .labels import labels_digest
 from .onnx_export import INPUT_NAME, OPSET, export_onnx, token_count
 from .parity import TOLERANCE_FP32, check_parity
-from .precision import measure_bf16, openvino_version, this_cpu_has_native_bf16
+from .precision import cpu_flags, cpu_kind, measure_bf16, openvino_version, this_cpu_has_native_bf16
 from .source import Source, load_source, sha256_file
 from .staging import foreign_entries, make_staging, swap_in
 from .triton import MODEL_NAME, plan_model_name, write_repository
@@ -135,8 +135,12 @@ def _artifacts_staleness(out: Path, fingerprint: str) -> str | None:
         path = out / name
         if not path.is_file() or sha256_file(path) != meta.checksums.get(name):
             return f"{name} is missing or was modified"
-    if (meta.cpu_bf16 or {}).get("safe") is None and openvino_version() and this_cpu_has_native_bf16():
-        return "bf16 was not measured where the export ran, and this CPU has native bf16"
+    measured = meta.cpu_bf16 or {}
+    if openvino_version() and this_cpu_has_native_bf16():
+        if measured.get("safe") is None:
+            return "bf16 was not measured where the export ran, and this CPU has native bf16"
+        if measured.get("cpu_kind") != cpu_kind(cpu_flags()):
+            return f"bf16 was measured on a CPU of another kind ({measured.get('cpu_kind')}), not on this one"
     return meta.plan_outdated_here() if meta.settings.get("tensorrt", True) else None
 
 

@@ -294,12 +294,14 @@ def test_bf16_verdict_needs_agreement_and_at_most_0_2_points_of_top1_lost():
     assert verdict(100.0, None, None, False) == (False, "bf16 produced non-finite logits")
 
 
-def test_native_bf16_is_needed_to_measure(monkeypatch, tiny_export):
+def test_native_bf16_is_needed_to_measure(tiny_export):
     import export.precision
 
     out, _, _ = tiny_export
-    monkeypatch.setattr(export.precision, "this_cpu_has_native_bf16", lambda: False)
-    report = export.precision.measure_bf16(out / "model.onnx", None, [], speed_batch=np.zeros(0))
+    avx2_only = frozenset({"avx", "avx2", "fma"})
+    report = export.precision.measure_bf16(
+        out / "model.onnx", None, [], speed_batch=np.zeros(0), flags=avx2_only, capabilities=frozenset({"FP32"})
+    )
     assert report.safe is None and "no native bf16" in report.reason and report.images == 0
 
 

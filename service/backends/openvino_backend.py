@@ -33,11 +33,14 @@ class PrecisionChoice:
     reason: str
 
 
-def choose_cpu_precision(requested: str, native_bf16: bool, export_report: dict[str, Any] | None) -> PrecisionChoice:
-    """The CPU precision to serve, from the setting, the CPU's bf16 support and the export's measurement.
+def choose_cpu_precision(
+    requested: str, native_bf16: bool, export_report: dict[str, Any] | None, cpu_kind: str | None = None
+) -> PrecisionChoice:
+    """The CPU precision to serve, from the setting, the CPU's bf16 support and kind, and the export's measurement.
 
-    auto -> bf16 when the CPU has native bf16 and the export measured bf16 as safe, else fp32;
-    bf16 -> bf16 under the same two conditions, else PrecisionRefused; fp32 -> fp32.
+    auto -> bf16 when the CPU has native bf16 and the export measured bf16 as safe on a CPU of the same kind
+    (export.precision.cpu_kind: AMX and AVX-512 bf16 run different kernels), else fp32;
+    bf16 -> bf16 under the same conditions, else PrecisionRefused; fp32 -> fp32.
     """
     if requested not in CPU_PRECISION_CHOICES:
         raise ValueError(f"VITAE_CPU_PRECISION must be one of {', '.join(CPU_PRECISION_CHOICES)}, got {requested!r}")
@@ -51,6 +54,11 @@ def choose_cpu_precision(requested: str, native_bf16: bool, export_report: dict[
         why = "the export did not measure bf16 for this model (" + (report.get("reason") or "no cpu_bf16 record") + ")"
     elif not safe:
         why = f"the export measured bf16 as unsafe for this model ({report.get('reason')})"
+    elif cpu_kind and report.get("cpu_kind") and report["cpu_kind"] != cpu_kind:
+        why = (
+            f"the export measured bf16 on a CPU of another kind ({report['cpu_kind']}, this one is {cpu_kind}); "
+            "export again on this machine to measure it here"
+        )
     else:
         figures = f"top-1 agreement {report.get('top1_agreement')} %, max logit diff {report.get('max_logit_diff')}"
         return PrecisionChoice("bf16", f"VITAE_CPU_PRECISION={requested}: native bf16, measured safe ({figures})")
@@ -87,12 +95,14 @@ class OpenVINOBackend:
             import openvino  # noqa: F401
         except ImportError as exc:
             raise BackendUnavailable(f"the openvino package is not installed ({exc})") from exc
-        from export.precision import compile_cpu, this_cpu_has_native_bf16
+        from export.precision import compile_cpu, cpu_flags, cpu_kind, this_cpu_has_native_bf16
 
         path = served.file("onnx")
         if path is None:
             raise BackendUnavailable(f"no ONNX model (files.onnx) in {served.folder}")
-        choice = choose_cpu_precision(precision, this_cpu_has_native_bf16(), served.metadata.cpu_bf16)
+        choice = choose_cpu_precision(
+            precision, this_cpu_has_native_bf16(), served.metadata.cpu_bf16, cpu_kind(cpu_flags())
+        )
         self.precision, self.precision_reason = choice.precision, choice.reason
         self.cache_dir = cache_dir or served.folder / CACHE_FOLDER
         try:
