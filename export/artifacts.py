@@ -9,6 +9,7 @@ can read artifacts without them.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,14 @@ PLAN, LAYERS, TIMING_CACHE = "model.plan", "layers.json", "timing.cache"
 INPUT_NAME = "images"
 LOGITS, TOKENS = "logits", "tokens"
 OUTPUT_NAMES = (LOGITS, TOKENS)
+
+
+def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class MetadataError(ValueError):
@@ -74,6 +83,7 @@ class ArtifactsMetadata:
     tensorrt: dict[str, Any] | None = None  # what the plan is tied to: version, gpu_name, compute_capability, ...
     versions: dict[str, Any] | None = None
     exported_at: str | None = None
+    content_sha256: str | None = None  # the digest metadata.json records of its other fields, as read
     extra: dict[str, Any] = field(default_factory=dict)  # fields this version does not know, kept on rewrite
 
     # ------------------------------------------------------------ read / validate / write
@@ -129,14 +139,41 @@ class ArtifactsMetadata:
             return None
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object, keys in the order the export writes them, unknown fields last."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        """The JSON object, keys in the order the export writes them, unknown fields last, then the digest of
+        all of them (`content_sha256`, computed now: what metadata.json records of its own content)."""
+        return self._content() | {"content_sha256": self.content_digest()}
+
+    def _content(self) -> dict[str, Any]:
+        skip = ("extra", "content_sha256")
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         order = ("format", "name", "version", "variant", "config", "class_names", "class_names_source")
         return {k: d[k] for k in order} | {k: v for k, v in d.items() if k not in order} | self.extra
 
     def write(self, folder: Path) -> None:
-        """Write metadata.json into `folder` (the export's staging folder)."""
+        """Write metadata.json into `folder` (the export's staging folder), sealed with its content digest."""
         (folder / METADATA).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    # ------------------------------------------------------------ integrity
+
+    def content_digest(self) -> str:
+        """sha256 of every field but `content_sha256`, as canonical JSON: what an edit of metadata.json changes."""
+        return hashlib.sha256(json.dumps(self._content(), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    def integrity_problem(self, folder: Path) -> str | None:
+        """Why the folder's files are not what the export wrote, or None when every digest matches.
+
+        metadata.json against its own `content_sha256` (artifacts exported before it was recorded pass: there
+        is nothing to check against), then every file of `files` against its sha256 in `checksums`.
+        """
+        if self.content_sha256 is not None and self.content_sha256 != self.content_digest():
+            return f"{METADATA} was edited after the export (its content no longer matches its content_sha256)"
+        for role, name in self.files.items():
+            path = Path(folder) / name
+            if not path.is_file():
+                return f"{name} (files.{role}) is missing"
+            if _sha256_file(path) != self.checksums.get(name):
+                return f"{name} was modified after the export (its sha256 differs from the one {METADATA} records)"
+        return None
 
     # ------------------------------------------------------------ typed views
 
@@ -163,21 +200,3 @@ class ArtifactsMetadata:
             return None
         path = folder / name
         return path if path.exists() else None
-
-    # ------------------------------------------------------------ the TensorRT plan and this machine
-
-    def plan_fits_here(self) -> tuple[bool, str]:
-        """Whether the TensorRT plan may run on this machine (same GPU and TensorRT version), and why (not)."""
-        from .tensorrt import plan_fits
-
-        return plan_fits(self.tensorrt)
-
-    def plan_outdated_here(self) -> str | None:
-        """Why the plan must be rebuilt on this machine, or None: TensorRT can build here and the plan is absent
-        or was built for another GPU or TensorRT version. Without TensorRT and a GPU a plan is never wanted."""
-        from .tensorrt import unavailable_reason
-
-        if unavailable_reason() is not None:
-            return None
-        fits, why = self.plan_fits_here()
-        return None if fits else f"TensorRT is available here but {why}"

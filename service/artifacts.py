@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
 from export.artifacts import METADATA, ArtifactsMetadata, MetadataError
@@ -102,13 +103,17 @@ def read_artifacts(folder: str | Path) -> ServedModel:
         )
     try:
         meta = ArtifactsMetadata.read(folder)
+        problem = meta.integrity_problem(folder)
+        if problem:
+            raise ArtifactsError(
+                f"refusing the artifacts in {folder}: {problem}; re-export them (python -m export ... --force) "
+                "or set VITAE_AUTO_EXPORT=true to rebuild them from VITAE_CHECKPOINT at start"
+            )
         head = load_file(str(folder / meta.files["head"]))
         grid_h, grid_w = (int(v) for v in meta.grid)
         class_names = [str(c) for c in meta.class_names]
-    except (OSError, MetadataError) as exc:
-        raise ArtifactsError(
-            f"the artifacts in {folder} are incomplete or unreadable ({exc!r}); re-export them"
-        ) from exc
+    except (OSError, MetadataError, SafetensorError) as exc:
+        raise ArtifactsError(f"the artifacts in {folder} are incomplete or unreadable ({exc}); re-export them") from exc
     weight, bias = head["weight"].astype(np.float32), head["bias"].astype(np.float32)
     if weight.shape[0] != len(class_names) or bias.shape != (len(class_names),):
         raise ArtifactsError(
@@ -148,12 +153,22 @@ def ensure_artifacts(settings: Settings) -> ServedModel:
     exported_from = (existing.checkpoint or {}).get("path") if existing else None
     explicit = "checkpoint" in settings.model_fields_set
     ours = not found or explicit or _same_file(exported_from, checkpoint)
+    if settings.auto_export and not found and folder.is_dir() and any(folder.iterdir()):
+        raise ArtifactsError(
+            f"VITAE_ARTIFACTS={folder} holds files but no {METADATA}, so it is no export this service may overwrite; "
+            "restore its metadata.json, empty the folder, or point VITAE_ARTIFACTS at a new folder to export into"
+        )
     if settings.auto_export and ours and checkpoint.is_file():
         # Keep the options the folder was exported with (precision, ...); a fresh folder gets ours.
         options = dict(existing.settings if existing else {}, max_batch=settings.max_batch_size)
         options = {k: options[k] for k in ("max_batch", "precision", "tensorrt") if k in options}
         if existing and existing.class_names_source == "labels" and _same_file(exported_from, checkpoint):
             options["labels"] = existing.class_names  # names given with --labels outlive a re-export
+        problem = existing.integrity_problem(folder) if existing else None
+        if problem:  # an edited metadata.json has the fingerprint of a fresh export: rebuild regardless
+            log.warning("artifacts in %s: %s; exporting %s again", folder, problem, checkpoint)
+            options.pop("labels", None)  # names read from an edited file are not to be trusted
+            options["force"] = True
         _export_if_needed(checkpoint, folder, options, have_existing=found)
     elif not found:
         raise ArtifactsError(
@@ -184,7 +199,7 @@ def _export_or_skip_refused_engine(export: Any, checkpoint: Path, folder: Path, 
     The service then serves the ONNX model on the GPU (ONNX Runtime CUDA) instead of not starting, and the
     artifacts remember `tensorrt=False`, so later starts do not build the same refused engine again.
     """
-    from export.tensorrt import EngineParityError
+    from export.engine.parity import EngineParityError
 
     try:
         export.export_artifacts(checkpoint, folder, **options)

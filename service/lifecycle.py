@@ -192,7 +192,8 @@ async def load_model(state: ServiceState, backend: Backend | None = None) -> Non
         )
     except Exception as exc:
         state.status, state.error = Status.FAILED, f"{type(exc).__name__}: {exc}"
-        log.exception("loading the model failed")
+        log.error("loading the model failed: %s", state.error)  # one line; the traceback at debug level
+        log.debug("loading the model failed", exc_info=True)
 
 
 # ---------------------------------------------------------------- lifespan
