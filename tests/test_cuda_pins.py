@@ -83,3 +83,37 @@ def test_readme_states_the_cuda_major_and_the_driver_it_needs():
     assert re.search(rf"driver[^.\n]*(≥|>=)\s*{DRIVER_FOR_CUDA[major]}", README, re.I), (
         f"README: the NVIDIA driver needed for CUDA {major} (>= {DRIVER_FOR_CUDA[major]})"
     )
+
+
+def image_cuda_version() -> str:
+    image = re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:(\d+\.\d+\.\d+)-", DOCKERFILE, re.M)
+    assert image, "docker/Dockerfile.gpu: ARG CUDA_IMAGE=nvidia/cuda:<major>.<minor>.<patch>-..."
+    return image[1]
+
+
+# Full CUDA versions that the docs and manifests state for something other than this project's image, each with
+# the thing it belongs to: such a line must not name docker/Dockerfile.gpu (a different version "like" it is wrong).
+OTHER_STACKS = {"12.8.1": "NVIDIA Triton 25.03, the KServe Triton runtime's release"}
+
+
+def texts_stating_cuda() -> dict[str, str]:
+    paths = [ROOT / "README.md", *(ROOT / "docs").rglob("*.md"), *(ROOT / "deploy").rglob("*.yaml")]
+    paths += [ROOT / "docker-compose.yml", ROOT / "Makefile", ROOT / "pyproject.toml"]
+    return {str(path.relative_to(ROOT)): path.read_text() for path in paths}
+
+
+def test_every_cuda_version_stated_for_the_gpu_image_is_its_base_image_tag():
+    version = image_cuda_version()
+    for name, text in texts_stating_cuda().items():
+        for number, line in enumerate(text.splitlines(), 1):
+            for stated in re.findall(r"(?:CUDA |nvidia/cuda:)(\d+\.\d+\.\d+)", line):
+                where = f"{name}:{number}: {line.strip()}"
+                if stated == version:
+                    continue
+                assert stated in OTHER_STACKS, f"CUDA {stated}, but docker/Dockerfile.gpu is CUDA {version}: {where}"
+                assert "Dockerfile.gpu" not in line, f"CUDA {stated} belongs to {OTHER_STACKS[stated]}: {where}"
+
+
+def test_the_docs_state_the_image_cuda_version():
+    gpu_page = (ROOT / "docs" / "gpu.md").read_text()
+    assert f"nvidia/cuda:{image_cuda_version()}-" in gpu_page, "docs/gpu.md: the GPU image's base tag"
