@@ -2,7 +2,7 @@
 
 The export keeps one reduced-precision CPU path (bf16). This script measures the int8 alternative with the
 settings a careful user would pick — NNCF's transformer preset, the Performer kernel (the reduction cells' own
-ops, `export.tensorrt.PERFORMER_KERNEL`) left in fp32, calibration on the export's own real images — against
+ops, `export.engine.fp16_graph.PERFORMER_KERNEL`) left in fp32, calibration on the export's own real images — against
 OpenVINO fp32 of the same `model.onnx`, both compiled as the service compiles them (`export.precision`), on
 the images the export judges bf16 on (`evaluation_inputs`), speed as the median of interleaved calls:
 
@@ -31,12 +31,12 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from export.engine.fp16_graph import PERFORMER_KERNEL  # noqa: E402
 from export.fold import fold_batchnorms  # noqa: E402
 from export.inputs import model_inputs  # noqa: E402
 from export.onnx_export import export_onnx  # noqa: E402
 from export.precision import compare_logits, compile_cpu, evaluation_inputs, images_per_second, run_logits  # noqa: E402
 from export.source import load_source  # noqa: E402
-from export.tensorrt import PERFORMER_KERNEL  # noqa: E402
 from model import create_model  # noqa: E402
 from model.data import load_fashion_mnist  # noqa: E402
 from model.preprocess import preprocess  # noqa: E402

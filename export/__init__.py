@@ -2,7 +2,7 @@
 
 `export_artifacts` builds them (only when missing or stale), `artifacts_are_fresh` says whether a build
 would change anything. `export.artifacts` is the contract the service reads: the file and tensor names and
-`ArtifactsMetadata` (metadata.json typed, versioned and validated, with `plan_fits_here()`).
+`ArtifactsMetadata` (metadata.json typed, versioned and validated).
 
 Owns: the artifacts folder and its `metadata.json`, the ONNX graph, parity checks, the TensorRT plan, the CPU
 bf16 check and the Triton repository.

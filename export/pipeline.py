@@ -31,7 +31,6 @@ from safetensors.torch import save_file
 
 from model import ViTAE
 
-from . import tensorrt as trt_step
 from .artifacts import (
     FORMAT,
     HEAD,
@@ -44,6 +43,9 @@ from .artifacts import (
     WEIGHTS,
     ArtifactsMetadata,
 )
+from .engine.build import build_engine
+from .engine.machine import plan_outdated, tensorrt_version, unavailable_reason
+from .engine.parity import engine_parity
 from .fold import fold_batchnorms
 from .graph import check_graph
 from .inputs import model_inputs
@@ -141,7 +143,7 @@ def _artifacts_staleness(out: Path, fingerprint: str) -> str | None:
             return "bf16 was not measured where the export ran, and this CPU has native bf16"
         if measured.get("cpu_kind") != cpu_kind(cpu_flags()):
             return f"bf16 was measured on a CPU of another kind ({measured.get('cpu_kind')}), not on this one"
-    return meta.plan_outdated_here() if meta.settings.get("tensorrt", True) else None
+    return plan_outdated(meta.tensorrt) if meta.settings.get("tensorrt", True) else None
 
 
 def _triton_staleness(out: Path, triton_repo: Path, plan: bool = False) -> str | None:
@@ -310,13 +312,13 @@ def _tensorrt_step(
     The plan is kept only when it agrees with fp32 on the parity images (`parity_images`: the batch and where
     it came from); otherwise EngineParityError fails the export and nothing is written.
     """
-    reason = trt_step.unavailable_reason() if options.tensorrt else "TensorRT step skipped: turned off (tensorrt=False)"
+    reason = unavailable_reason() if options.tensorrt else "TensorRT step skipped: turned off (tensorrt=False)"
     if reason is not None:
         log.info(reason)
         return None
     cfg = model.config
     with step(f"TensorRT engine ({options.precision})"):
-        built = trt_step.build_engine(
+        built = build_engine(
             staging / ONNX,
             staging,
             input_shape=(cfg.in_chans, cfg.img_size, cfg.img_size),
@@ -326,7 +328,7 @@ def _tensorrt_step(
         )
     images, origin = parity_images
     with step("TensorRT engine vs fp32 on the parity images"):
-        built["parity"] = trt_step.engine_parity(
+        built["parity"] = engine_parity(
             staging / PLAN, staging / ONNX, images, precision=options.precision, origin=origin
         )
     files["plan"], files["layers"] = PLAN, LAYERS
@@ -361,7 +363,7 @@ def _metadata(
             "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__,
             "openvino": openvino_version(),
-            "tensorrt": trt_step.tensorrt_version(),
+            "tensorrt": tensorrt_version(),
         },
         exported_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **reports,

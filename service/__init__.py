@@ -4,7 +4,7 @@ Owns: the HTTP API (`app.py` factory, `routes/`), the runtime lifecycle (`lifecy
 backends, pre-/post-processing glue and the service settings (`settings.py`, prefix VITAE_).
 May import: `model` (preprocessing) and `export`: its artifacts contract (`export.artifacts`: metadata.json
 as `ArtifactsMetadata`, file and tensor names), the serving forward and TensorRT runner it shares with the
-export (`export.serving`, `export.tensorrt.PlanRunner`, loaded only by the PyTorch and TensorRT backends and
+export (`export.serving`, `export.engine.runner.PlanRunner`, loaded only by the PyTorch and TensorRT backends and
 Grad-CAM), and the pipeline to rebuild missing or stale artifacts. Nothing in `model` or `export` imports
 `service`.
 """

@@ -20,13 +20,13 @@ from support.checkpoints import DEMO_CHECKPOINT, FIXTURES, ROOT, SHARED_REFERENC
 from support.optional import triton_model_config
 
 from export import artifacts_are_fresh, export_artifacts
+from export.engine.machine import plan_matches_this_machine, unavailable_reason
 from export.fold import fold_batchnorms
 from export.graph import GraphCheckError, find_prm_blocks, op_counts
 from export.inputs import fashion_mnist_test, model_inputs
 from export.parity import ParityError, check_parity, cpu_session
 from export.precision import STAND_IN_IMAGES, compare_logits, this_cpu_has_native_bf16, verdict
 from export.source import sha256_file
-from export.tensorrt import plan_matches_this_machine, unavailable_reason
 from model import CheckpointError, ViTAE, ViTAEConfig
 from model.checkpoint import load_checkpoint
 

@@ -18,23 +18,16 @@ from google.protobuf import text_format
 from support.checkpoints import DEMO_CHECKPOINT, ROOT, tiny_model
 from support.optional import triton_model_config
 
-import export.tensorrt as trt_step
 from export import export_artifacts
+from export.engine.machine import builder_probe, plan_matches_this_machine, unavailable_reason
+from export.engine.parity import ENGINE_TOLERANCE, EngineParityError, engine_parity
+from export.engine.runner import run_plan
 from export.fold import fold_batchnorms
 from export.fusion import format_fusion, fusion_problems, prm_fusion
 from export.graph import find_prm_blocks
 from export.inputs import model_inputs
 from export.onnx_export import export_onnx
 from export.parity import cpu_session
-from export.tensorrt import (
-    ENGINE_TOLERANCE,
-    EngineParityError,
-    builder_probe,
-    engine_parity,
-    plan_matches_this_machine,
-    run_plan,
-    unavailable_reason,
-)
 from export.triton import MODEL_NAME, plan_model_name
 from model.config import Preprocessing
 
@@ -109,7 +102,7 @@ def test_engine_parity_refuses_an_engine_of_another_model(gpu_export, tmp_path):
 def test_an_engine_outside_tolerance_is_refused_and_nothing_is_written(gpu_export, monkeypatch, tmp_path):
     _, meta, _ = gpu_export
     out = tmp_path / "refused"
-    monkeypatch.setitem(trt_step.ENGINE_TOLERANCE, "fp16", 0.0)  # any FP16 rounding now counts as a failure
+    monkeypatch.setitem(ENGINE_TOLERANCE, "fp16", 0.0)  # any FP16 rounding now counts as a failure
     with pytest.raises(EngineParityError, match="refused"):
         export_artifacts(meta["checkpoint"]["path"], out, max_batch=4)
     assert not out.exists()
@@ -143,7 +136,7 @@ def test_a_gpu_cuda_cannot_start_on_gives_one_line_and_no_traceback():
     # nvidia-smi still lists the GPU, but CUDA in this process sees none: the case of a container without
     # device access or a driver older than the CUDA runtime. The probe must say so in one line.
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
-    code = "from export.tensorrt import unavailable_reason; print(unavailable_reason())"
+    code = "from export.engine.machine import unavailable_reason; print(unavailable_reason())"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
     assert run.stdout.startswith("TensorRT step skipped:"), run.stdout

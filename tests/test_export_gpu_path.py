@@ -20,6 +20,8 @@ from support.optional import triton_model_config
 
 from export import export_artifacts
 from export.artifacts import ArtifactsMetadata
+from export.engine.fp16_graph import fp16_onnx, fp32_node_names
+from export.engine.parity import compare_to_fp32
 from export.fold import fold_batchnorms
 from export.fusion import format_fusion, fusion_problems, prm_fusion
 from export.graph import find_prm_blocks
@@ -27,7 +29,6 @@ from export.inputs import model_inputs
 from export.onnx_export import export_onnx
 from export.parity import cpu_session
 from export.source import load_source
-from export.tensorrt import compare_to_fp32, fp16_onnx, fp32_node_names
 from export.triton import MODEL_NAME, config_pbtxt, plan_model_name, write_repository
 from model import ViTAE, create_model
 from service.backends import session_device

@@ -133,7 +133,7 @@ def test_a_refused_tensorrt_plan_leaves_an_onnx_export_that_later_starts_keep(ti
     """The engine check itself needs a GPU (tests/test_export_gpu.py); here the refusal is raised where the
     TensorRT step would raise it, and the service's real export then runs again without a plan."""
     import export
-    from export.tensorrt import EngineParityError
+    from export.engine.parity import EngineParityError
 
     real_export, calls = export.export_artifacts, []
 

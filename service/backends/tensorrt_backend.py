@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 
 from export.artifacts import INPUT_NAME, LOGITS, OUTPUT_NAMES, TOKENS
+from export.engine.machine import plan_fits
 
 from ..artifacts import ServedModel
 from .base import BackendUnavailable, gpu_index
 
 
 class TensorRTBackend:
-    """model.plan through `export.tensorrt.PlanRunner` (name-based I/O, CUDA memory from PyTorch).
+    """model.plan through `export.engine.runner.PlanRunner` (name-based I/O, CUDA memory from PyTorch).
 
     Written against the documented API (deserialize_cuda_engine, set_input_shape, set_tensor_address,
     execute_async_v3); not run on this project's CPU machines.
@@ -31,10 +32,10 @@ class TensorRTBackend:
         plan = served.file("plan")
         if plan is None:
             raise BackendUnavailable(f"no TensorRT engine (files.plan) in {served.folder}")
-        matches, why = served.metadata.plan_fits_here()
+        matches, why = plan_fits(served.metadata.tensorrt)
         if not matches:
             raise BackendUnavailable(f"model.plan was built elsewhere: {why}")
-        from export.tensorrt import PlanRunner
+        from export.engine.runner import PlanRunner
 
         self.device = f"cuda:{gpu_index(device)}"
         self.precision = str(served.metadata.settings.get("precision", "fp16"))

@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from export.engine.parity import ENGINE_TOLERANCE
 from export.performer import StableTokenPerformer, stable_performers
 from export.serving import ServingModel
-from export.tensorrt import ENGINE_TOLERANCE
 
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-# max |logits - fp32| <= tolerance x max(1, max |fp32 logits|), the rule a TensorRT plan passes (export.tensorrt).
+# max |logits - fp32| <= tolerance x max(1, max |fp32 logits|), the rule a TensorRT plan passes (export.engine.parity).
 # bf16 keeps 8 significant bits to FP16's 11 (a relative step 8x larger), so its bound is 4x FP16's.
 GATE_TOLERANCE = {"fp16": ENGINE_TOLERANCE["fp16"], "bf16": 4 * ENGINE_TOLERANCE["fp16"]}
 GATE_IMAGES = 64
