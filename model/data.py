@@ -246,48 +246,62 @@ def build_datasets(
         raise ValueError(f"holdout must be 0 (use the test/val split) or a positive image count, got {holdout}")
     if data == "fashion-mnist":
         root = Path(data_dir) if data_dir else fashion_mnist_dir()
-        train_ds = None
-        if train or holdout:
-            images, labels = load_fashion_mnist(root, "train")
-            kept = len(images) - holdout
-            if kept <= 0:
-                raise ValueError(f"holdout {holdout} leaves no training images (the train split has {len(images)})")
-            if train:
-                train_ds = ArrayImageDataset(
-                    images[:kept][:train_subset],
-                    labels[:kept][:train_subset],
-                    prep,
-                    train=True,
-                    seed=seed,
-                    erase_p=erase_p,
-                )
-        if holdout:
-            val_images, val_labels = images[kept:], labels[kept:]
-        else:
-            val_images, val_labels = load_fashion_mnist(root, "test")
-        val_ds = ArrayImageDataset(val_images[:val_subset], val_labels[:val_subset], prep, train=False)
+        train_ds, val_ds = _fashion_mnist_datasets(root, prep, seed, train, holdout, erase_p, train_subset, val_subset)
         return train_ds, val_ds, list(FASHION_MNIST_CLASSES)
-    root = Path(data_dir or data)
-    train_root = root / "train"
-    val_root = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
-    if holdout:
-        # Files are sorted by class, so the held-out images are a fixed random draw (balanced in expectation).
-        val_ds = ImageFolderDataset(train_root, prep, train=False)
-        if holdout >= len(val_ds.samples):
-            raise ValueError(f"holdout {holdout} leaves no training images ({train_root} has {len(val_ds.samples)})")
-        held = set(np.random.default_rng(0).permutation(len(val_ds.samples))[:holdout].tolist())
-        train_ds = None
-        if train:
-            train_ds = ImageFolderDataset(train_root, prep, train=True, seed=seed, class_names=val_ds.classes)
-            train_ds.samples = [s for i, s in enumerate(train_ds.samples) if i not in held]
-        val_ds.samples = [s for i, s in enumerate(val_ds.samples) if i in held]
-    else:
-        if val_root is None:
-            raise FileNotFoundError(f"{root} needs a val/ (or test/) folder of class folders")
-        train_ds = ImageFolderDataset(train_root, prep, train=True, seed=seed) if train else None
-        classes = train_ds.classes if train_ds is not None else None
-        val_ds = ImageFolderDataset(val_root, prep, train=False, class_names=classes)
+    train_ds, val_ds = _image_folder_datasets(Path(data_dir or data), prep, seed, train, holdout)
     for ds, n in ((train_ds, train_subset), (val_ds, val_subset)):
         if ds is not None and n:
             ds.samples = ds.samples[:n]
     return train_ds, val_ds, val_ds.classes
+
+
+def _fashion_mnist_datasets(
+    root: Path,
+    prep: Preprocessing,
+    seed: int,
+    train: bool,
+    holdout: int,
+    erase_p: float,
+    train_subset: int | None,
+    val_subset: int | None,
+) -> tuple[Dataset | None, Dataset]:
+    """Fashion-MNIST's (train, val): the held-out images are the training split's last `holdout`."""
+    train_ds = None
+    if train or holdout:
+        images, labels = load_fashion_mnist(root, "train")
+        kept = len(images) - holdout
+        if kept <= 0:
+            raise ValueError(f"holdout {holdout} leaves no training images (the train split has {len(images)})")
+        if train:
+            train_images, train_labels = images[:kept][:train_subset], labels[:kept][:train_subset]
+            train_ds = ArrayImageDataset(train_images, train_labels, prep, train=True, seed=seed, erase_p=erase_p)
+    if holdout:
+        val_images, val_labels = images[kept:], labels[kept:]
+    else:
+        val_images, val_labels = load_fashion_mnist(root, "test")
+    return train_ds, ArrayImageDataset(val_images[:val_subset], val_labels[:val_subset], prep, train=False)
+
+
+def _image_folder_datasets(
+    root: Path, prep: Preprocessing, seed: int, train: bool, holdout: int
+) -> tuple[Dataset | None, Dataset]:
+    """An ImageFolder root's (train, val): val/ (or test/), or a fixed random draw of `holdout` training images."""
+    train_root = root / "train"
+    if not holdout:
+        val_root = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+        if val_root is None:
+            raise FileNotFoundError(f"{root} needs a val/ (or test/) folder of class folders")
+        train_ds = ImageFolderDataset(train_root, prep, train=True, seed=seed) if train else None
+        classes = train_ds.classes if train_ds is not None else None
+        return train_ds, ImageFolderDataset(val_root, prep, train=False, class_names=classes)
+    # Files are sorted by class, so the held-out images are a fixed random draw (balanced in expectation).
+    val_ds = ImageFolderDataset(train_root, prep, train=False)
+    if holdout >= len(val_ds.samples):
+        raise ValueError(f"holdout {holdout} leaves no training images ({train_root} has {len(val_ds.samples)})")
+    held = set(np.random.default_rng(0).permutation(len(val_ds.samples))[:holdout].tolist())
+    train_ds = None
+    if train:
+        train_ds = ImageFolderDataset(train_root, prep, train=True, seed=seed, class_names=val_ds.classes)
+        train_ds.samples = [s for i, s in enumerate(train_ds.samples) if i not in held]
+    val_ds.samples = [s for i, s in enumerate(val_ds.samples) if i in held]
+    return train_ds, val_ds

@@ -44,6 +44,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m model.train", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
+    _model_and_data_arguments(p)
+    _recipe_arguments(p)
+    _run_arguments(p)
+    return p.parse_args(argv)
+
+
+def _model_and_data_arguments(p: argparse.ArgumentParser) -> None:
+    """The variant, the data and where the run writes."""
     p.add_argument("--variant", default="vitae_fmnist", choices=sorted(VARIANTS))
     p.add_argument("--overrides", default="{}", help="JSON object of ViTAEConfig fields to change")
     p.add_argument("--data", default="fashion-mnist", help="'fashion-mnist' or an ImageFolder root (train/, val/)")
@@ -57,6 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="validate on the last N training images instead of the test/val split (which is then left untouched)",
     )
     p.add_argument("--out", required=True, help="folder for checkpoints and the JSON-lines log")
+
+
+def _recipe_arguments(p: argparse.ArgumentParser) -> None:
+    """The schedule, the optimiser and the regularisation."""
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--batch-size", type=int, default=128, help="per process")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate for the whole (global) batch")
@@ -89,6 +101,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="autocast on CUDA; auto = bf16 where supported, else fp16. CPU always runs fp32",
     )
+
+
+def _run_arguments(p: argparse.ArgumentParser) -> None:
+    """Where to start and stop, and what the processes run on."""
     p.add_argument("--init", default=None, help="weights to start from (any file model.load_weights accepts)")
     p.add_argument("--resume", action="store_true", help="continue exactly from <out>/last_state.pt")
     p.add_argument(
@@ -102,7 +118,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: torch's)")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars (logs only)")
-    return p.parse_args(argv)
 
 
 def setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
