@@ -22,6 +22,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from results import add_record_option, record  # noqa: E402
 
 from export.artifacts import INPUT_NAME, OUTPUT_NAMES  # noqa: E402
 from export.fold import fold_batchnorms  # noqa: E402
@@ -75,23 +78,8 @@ def time_once(run, x: np.ndarray, iters: int) -> float:
     return len(x) * iters / (time.perf_counter() - start)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds; the median is reported")
-    parser.add_argument("--iters", type=int, default=3, help="batches per round")
-    parser.add_argument("--weights", type=Path, default=SHARED_WEIGHTS)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
-    model = create_model("vitae_t").eval()
-    origin = "random weights"
-    if args.weights.is_file():
-        load_weights(model, args.weights)
-        origin = args.weights.name
-    x = np.random.default_rng(0).standard_normal((args.batch, 3, 224, 224)).astype(np.float32)
-
+def measure(model: torch.nn.Module, x: np.ndarray, args: argparse.Namespace) -> tuple[dict, dict]:
+    """Images/s of every runner (median of the rounds) and each ONNX session's load time in s."""
     with tempfile.TemporaryDirectory() as tmp:
         ours, plain = Path(tmp) / "ours.onnx", Path(tmp) / "plain.onnx"
         export_onnx(fold_batchnorms(model), ours)
@@ -116,19 +104,57 @@ def main() -> None:
             # Rotate the order each round so no runner always goes first after another's burst of load.
             for name in names[r % len(names) :] + names[: r % len(names)]:
                 samples[name].append(time_once(runners[name], x, args.iters))
+    return {name: float(np.median(v)) for name, v in samples.items()}, load_times
 
-    speeds = {name: float(np.median(v)) for name, v in samples.items()}
+
+def vs_plain(speeds: dict[str, float]) -> dict[str, float]:
+    """Each runner's images/s over the plain export's at the same ORT level (PyTorch eager: over ORT ALL's)."""
+    ratios = {}
+    for name, speed in speeds.items():
+        level = name.rsplit("ORT ", 1)[-1] if "ORT " in name else "ALL"
+        ratios[name] = speed / speeds[f"{PLAIN}, ORT {level}"]
+    return ratios
+
+
+def result_rows(speeds: dict[str, float]) -> list[dict[str, object]]:
+    """The table's rows as printed (benchmarks/results/export.csv's columns)."""
+    ratios = vs_plain(speeds)
+    return [
+        {"runtime": name, "images_per_s": round(speed, 1), "vs_plain_export": round(ratios[name], 2)}
+        for name, speed in speeds.items()
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds; the median is reported")
+    parser.add_argument("--iters", type=int, default=3, help="batches per round")
+    parser.add_argument("--weights", type=Path, default=SHARED_WEIGHTS)
+    add_record_option(parser)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model = create_model("vitae_t").eval()
+    origin = "random weights"
+    if args.weights.is_file():
+        load_weights(model, args.weights)
+        origin = args.weights.name
+    x = np.random.default_rng(0).standard_normal((args.batch, 3, 224, 224)).astype(np.float32)
+    speeds, load_times = measure(model, x, args)
+
     print(
         f"ViTAE-T 224 ({origin}), batch {args.batch}, {args.threads} threads, "
         f"median of {args.rounds} rounds x {args.iters} batches; torch {torch.__version__}, ORT {ort.__version__}"
     )
     print(f"| {'runtime':<36} | {'images/s':>9} | {'vs plain export (same ORT level)':>32} | {'session load s':>14} |")
     print(f"|{'-' * 38}|{'-' * 11}|{'-' * 34}|{'-' * 16}|")
+    ratios = vs_plain(speeds)
     for name, speed in speeds.items():
-        level = name.rsplit("ORT ", 1)[-1] if "ORT " in name else "ALL"
-        base = speeds[f"{PLAIN}, ORT {level}"]
         load = f"{load_times[name]:.2f}" if name in load_times else "-"
-        print(f"| {name:<36} | {speed:>9.1f} | {speed / base:>31.2f}x | {load:>14} |")
+        print(f"| {name:<36} | {speed:>9.1f} | {ratios[name]:>31.2f}x | {load:>14} |")
+    record("export", result_rows(speeds), args.record)
 
 
 if __name__ == "__main__":

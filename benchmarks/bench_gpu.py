@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_service import free_port, real_jpegs, service_env, start, stop  # noqa: E402
+from harness import closed_loop, free_port, real_jpegs, service_env, start, stop  # noqa: E402
+from results import add_record_option, record  # noqa: E402
 
 REFERENCE = ROOT.parent / "shared" / "reference" / "vitae_t_official.safetensors"
 RAW_GOAL, SERVICE_GOAL = 10_000.0, 0.5  # the issue's goals: raw half at batch 256; service/raw
@@ -188,22 +189,12 @@ async def drive_batches(url: str, jpegs: list[bytes], batch: int, total_images: 
     """Images/s of the service with `IN_FLIGHT` requests of `batch` JPEGs each in flight."""
     files = [("file", (f"{i}.jpg", jpegs[i % len(jpegs)], "image/jpeg")) for i in range(batch)]
     requests = max(IN_FLIGHT * 2, total_images // batch)
-    sent = 0
-    answered = 0
-
-    async def client(http: httpx.AsyncClient) -> None:
-        nonlocal sent, answered
-        while sent < requests:
-            sent += 1
-            response = await http.post("/classify", files=files)
-            response.raise_for_status()
-            answered += batch
-
     async with httpx.AsyncClient(base_url=url, timeout=300) as http:
         await http.post("/classify", files=files)  # warm-up
-        started = time.perf_counter()
-        await asyncio.gather(*(client(http) for _ in range(IN_FLIGHT)))
-        return answered / (time.perf_counter() - started)
+        loop = await closed_loop(http, IN_FLIGHT, requests, lambda http, _: http.post("/classify", files=files))
+    if loop.errors:
+        raise SystemExit(f"batch {batch}: {loop.errors} of {requests} requests to the service got no answer")
+    return len(loop.latencies_s) * batch / loop.elapsed_s
 
 
 def service_rates(
@@ -245,6 +236,15 @@ def print_table(title: str, columns: dict[str, dict[int, float]], batches: list[
         print(f"{batch:6d} " + " ".join(f"{col.get(batch, float('nan')):22,.0f}" for col in columns.values()))
 
 
+def result_rows(gpu: str, columns: dict[str, dict[int, float]]) -> list[dict[str, object]]:
+    """The table as printed, one row per column and batch (benchmarks/results/gpu.csv's columns)."""
+    return [
+        {"gpu": gpu, "what": name, "batch": batch, "images_per_s": round(rate)}
+        for name, rates in columns.items()
+        for batch, rate in sorted(rates.items())
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=REFERENCE)
@@ -252,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="timing window per raw measurement")
     parser.add_argument("--service-images", type=int, default=2048, help="images per service measurement")
     parser.add_argument("--out", type=Path, default=None, help="artifacts folder (default: a temporary one)")
+    add_record_option(parser)
     args = parser.parse_args(argv)
     batches = sorted({int(b) for b in args.batches.split(",")})
     trt = has_tensorrt()
@@ -291,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         f"({'meets' if raw.get(256, 0) >= RAW_GOAL else 'misses'}); service >= {SERVICE_GOAL}x its raw engine at "
         f"batch {best_batch}: {ratio:.2f} ({'meets' if ratio >= SERVICE_GOAL else 'misses'})"
     )
+    record("gpu", result_rows(gpu_name(), columns), args.record)
     return 0
 
 

@@ -23,6 +23,7 @@ import logging
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,9 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from results import add_record_option, record  # noqa: E402
 
 from export.engine.fp16_graph import PERFORMER_KERNEL  # noqa: E402
 from export.fold import fold_batchnorms  # noqa: E402
@@ -75,7 +79,20 @@ def calibration_images(prep, labelled: bool, measured: int, count: int) -> tuple
     return images[measured:], f"{count} further stand-ins"
 
 
-def compare(name: str, model, class_names: list[str], folder: Path, args: argparse.Namespace) -> None:
+@dataclass
+class Int8Figures:
+    """One model's fp32 against int8: top-1 % where labelled (else None), argmax agreement, images/s."""
+
+    model: str
+    images: int
+    fp32_top1: float | None
+    int8_top1: float | None
+    agreement: float  # % of `images`
+    fp32_images_per_s: float
+    int8_images_per_s: float
+
+
+def compare(name: str, model, class_names: list[str], folder: Path, args: argparse.Namespace) -> Int8Figures:
     prep = model.config.preprocessing
     onnx_path = folder / f"{name}.onnx"
     export_onnx(fold_batchnorms(model), onnx_path)
@@ -94,6 +111,22 @@ def compare(name: str, model, class_names: list[str], folder: Path, args: argpar
         f"  batch {args.batch}: fp32 {fp32_speed:.1f} img/s, int8 {int8_speed:.1f} img/s "
         f"({int8_speed / fp32_speed:.2f}x)"
     )
+    return Int8Figures(name, len(images), fp32_top1, int8_top1, agree, fp32_speed, int8_speed)
+
+
+def result_rows(figures: list[Int8Figures]) -> list[dict[str, object]]:
+    """One row per model as printed (benchmarks/results/int8.csv's columns)."""
+    return [
+        {
+            "model": f.model,
+            "top1_fp32_percent": None if f.fp32_top1 is None else round(f.fp32_top1, 2),
+            "top1_int8_percent": None if f.int8_top1 is None else round(f.int8_top1, 2),
+            "argmax_agreement": f"{f.agreement:.2f} % of {f.images:,}",
+            "fp32_images_per_s": round(f.fp32_images_per_s, 1),
+            "int8_images_per_s": round(f.int8_images_per_s, 1),
+        }
+        for f in figures
+    ]
 
 
 def main() -> None:
@@ -102,6 +135,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=10, help="timed calls per model (median; interleaved)")
     p.add_argument("--calibration", type=int, default=300, help="calibration images (NNCF's default subset)")
     p.add_argument("--threads", type=int, default=0, help="OpenVINO CPU threads (0: all cores)")
+    add_record_option(p)
     args = p.parse_args()
     try:
         import nncf  # noqa: F401
@@ -110,14 +144,16 @@ def main() -> None:
     logging.getLogger("nncf").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory() as tmp:
         demo = load_source(DEMO)
-        compare("demo", demo.model, demo.class_names, Path(tmp), args)
+        figures = [compare("demo", demo.model, demo.class_names, Path(tmp), args)]
         if SHARED_WEIGHTS.is_file():
             released = load_source(SHARED_WEIGHTS, variant="vitae_t")
-            compare("vitae_t", released.model, released.class_names, Path(tmp), args)
+            figures.append(compare("vitae_t", released.model, released.class_names, Path(tmp), args))
         else:
             print("ViTAE-T: no shared released weights, random init")
             model = create_model("vitae_t").eval()
-            compare("vitae_t", model, [str(i) for i in range(model.config.num_classes)], Path(tmp), args)
+            classes = [str(i) for i in range(model.config.num_classes)]
+            figures.append(compare("vitae_t", model, classes, Path(tmp), args))
+    record("int8", result_rows(figures), args.record)
 
 
 if __name__ == "__main__":

@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -42,6 +40,10 @@ except ImportError:  # the `bench` extra is not installed: the LitServe baseline
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from harness import closed_loop, cpu_seconds, free_port, real_jpegs, service_env, start, stop  # noqa: E402
+from results import add_record_option, record  # noqa: E402
 
 REFERENCE = ROOT.parent / "shared" / "reference" / "vitae_t_official.safetensors"
 GOALS = {  # what the service must reach, as a multiple of each baseline
@@ -53,36 +55,6 @@ GOALS = {  # what the service must reach, as a multiple of each baseline
 
 
 # ------------------------------------------------------------------ inputs
-
-
-def real_jpegs(count: int) -> list[bytes]:
-    """Real photos shipped inside installed packages (scikit-learn, matplotlib), re-encoded at a few sizes."""
-    from PIL import Image
-
-    found = []
-    for package, relative in (
-        ("sklearn", "datasets/images/china.jpg"),
-        ("sklearn", "datasets/images/flower.jpg"),
-        ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
-    ):
-        try:
-            module = __import__(package)
-        except ImportError:
-            continue
-        path = Path(module.__file__).parent / relative
-        if path.is_file():
-            found.append(Image.open(path).convert("RGB"))
-    if not found:
-        raise SystemExit("no real JPEG photos found (install scikit-learn or matplotlib, the dev extras)")
-    out = []
-    for i in range(count):
-        photo = found[i % len(found)]
-        scale = (1.0, 0.8, 0.6, 1.25)[(i // len(found)) % 4]
-        width, height = (round(side * scale) for side in photo.size)
-        buffer = io.BytesIO()
-        photo.resize((width, height)).save(buffer, format="JPEG", quality=85 + i % 10)
-        out.append(buffer.getvalue())
-    return out
 
 
 def checkpoint_or_random(checkpoint: Path | None, variant: str, workdir: Path) -> Path:
@@ -211,6 +183,13 @@ class PlainOnnxAPI(ls.LitAPI if ls is not None else object):
         return {"predictions": [vars(p) for p in top_k(logits, self.served.class_names, 5)]}
 
 
+def run_naive(artifacts: str, plain_onnx: str, port: int) -> None:
+    """Serve naive_app with uvicorn on 127.0.0.1:`port`."""
+    import uvicorn
+
+    uvicorn.run(naive_app(artifacts, plain_onnx), host="127.0.0.1", port=port, log_level="warning")
+
+
 def run_litserve(artifacts: str, plain_onnx: str, port: int, max_batch: int, batch_timeout_s: float) -> None:
     """Serve PlainOnnxAPI with LitServe's dynamic batching, one inference worker on the CPU."""
     api = PlainOnnxAPI(artifacts, plain_onnx, max_batch_size=max_batch, batch_timeout=batch_timeout_s)
@@ -270,41 +249,21 @@ async def drive(url: str, jpegs: list[bytes], concurrency: int, total: int, requ
     server spends on one image whatever else runs on the machine, the steadier figure on a loaded one; and the
     load generator's (this process), which shares the machine with the server.
     """
-    latencies: list[float] = []
-    errors = 0
-    next_index = 0
-
-    async def client(http: httpx.AsyncClient) -> None:
-        nonlocal next_index, errors
-        while next_index < total:
-            data = jpegs[next_index % len(jpegs)]
-            next_index += 1
-            started = time.perf_counter()
-            try:
-                response = await request(http, data)
-            except httpx.HTTPError:  # a dropped connection counts as an error, not as a latency
-                errors += 1
-                continue
-            if response.status_code == 200:
-                latencies.append(time.perf_counter() - started)
-            else:
-                errors += 1
-
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=300) as http:
         await asyncio.gather(*(request(http, jpegs[i % len(jpegs)]) for i in range(concurrency)))  # warm up
-        started, cpu_started, own_started = time.perf_counter(), server_cpu(), time.process_time()
-        await asyncio.gather(*(client(http) for _ in range(concurrency)))
-        elapsed, cpu = time.perf_counter() - started, server_cpu() - cpu_started
-        own = time.process_time() - own_started
-    ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])  # no answer at all: nan, not a crash
+        cpu_started, own_started = server_cpu(), time.process_time()
+        loop = await closed_loop(http, concurrency, total, lambda http, i: request(http, jpegs[i % len(jpegs)]))
+        cpu, own = server_cpu() - cpu_started, time.process_time() - own_started
+    answered = len(loop.latencies_s)
+    ms = np.array(loop.latencies_s) * 1000 if answered else np.array([np.nan])  # no answer at all: nan, not a crash
     return {
-        "images_per_s": len(latencies) / elapsed,
+        "images_per_s": answered / loop.elapsed_s,
         "p50": float(np.percentile(ms, 50)),
         "p95": float(np.percentile(ms, 95)),
-        "cpu_ms_per_image": 1000 * cpu / max(1, len(latencies)),
-        "client_cpu_ms_per_image": 1000 * own / max(1, len(latencies)),
-        "errors": errors,
+        "cpu_ms_per_image": 1000 * cpu / max(1, answered),
+        "client_cpu_ms_per_image": 1000 * own / max(1, answered),
+        "errors": loop.errors,
     }
 
 
@@ -322,75 +281,6 @@ def multipart(path: str):
     return send
 
 
-class ServerFailed(RuntimeError):
-    """The server started but its model failed to load; the message is its /readyz detail."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def service_env(artifacts: Path, port: int, **settings: object) -> dict[str, str]:
-    """The environment of a `python -m service` that serves `artifacts` as they are on 127.0.0.1:`port`;
-    each keyword is one more setting, e.g. backend="openvino" -> VITAE_BACKEND=openvino."""
-    env = os.environ | {
-        "PYTHONPATH": str(ROOT),
-        "VITAE_LOG_LEVEL": "warning",
-        "VITAE_ARTIFACTS": str(artifacts),
-        "VITAE_AUTO_EXPORT": "false",
-        "VITAE_HOST": "127.0.0.1",
-        "VITAE_PORT": str(port),
-    }
-    return env | {f"VITAE_{name.upper()}": str(value) for name, value in settings.items()}
-
-
-def start(command: list[str], env: dict[str, str], port: int, log: Path, ready_path: str) -> subprocess.Popen:
-    process = subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
-    )
-    deadline = time.monotonic() + 600
-    while True:
-        if process.poll() is not None:
-            raise SystemExit(f"{command[:3]} exited; see {log}")
-        try:
-            response = httpx.get(f"http://127.0.0.1:{port}{ready_path}")
-            if response.status_code == 200:
-                return process
-            if "json" in response.headers.get("content-type", "") and response.json().get("status") == "failed":
-                stop(process)
-                raise ServerFailed(response.json().get("detail", "failed to load"))
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            os.killpg(process.pid, signal.SIGKILL)
-            raise SystemExit(f"{command[:3]} did not become ready; see {log}")
-        time.sleep(0.5)
-
-
-def stop(process: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group (LitServe runs its workers as child processes)."""
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-
-
-def cpu_seconds(group: int) -> float:
-    """User + system CPU time of every process in a process group (a server and its workers), Linux only."""
-    total = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command: state, ppid, pgrp, ...
-        except OSError:
-            continue
-        if int(fields[2]) == group:
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / os.sysconf("SC_CLK_TCK")
-
-
 def measure(
     name: str, url: str, jpegs: list[bytes], concurrency: int, total: int, request, server: subprocess.Popen
 ) -> dict[str, float]:
@@ -406,7 +296,26 @@ def measure(
 # ------------------------------------------------------------------ the run
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclass
+class Run:
+    """One run's figures: the raw engines per batch size, then each server under the same closed-loop load."""
+
+    clients: int
+    engine: str  # e.g. "openvino fp32, 2 stream(s)"
+    raw: dict[int, float]  # images/s per batch
+    raw_cpu: dict[int, float]  # CPU ms/image per batch
+    ort_raw: dict[int, float]
+    service: dict[str, float]  # drive()'s figures
+    cam: dict[str, float]
+    naive: dict[str, float]
+    litserve: dict[str, float] | None  # None: LitServe is not installed
+
+    @property
+    def best_batch(self) -> int:
+        return max(self.raw, key=self.raw.get)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=REFERENCE)
     parser.add_argument("--variant", default="vitae_t")
@@ -417,14 +326,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-delay-ms", type=float, default=10.0)
     parser.add_argument("--cpu-precision", default="auto", help="the service's VITAE_CPU_PRECISION")
     parser.add_argument("--streams", type=int, default=0, help="the service's VITAE_INFER_STREAMS (0: the backend's)")
-    args = parser.parse_args(argv)
-    c, total = args.concurrency, max(args.requests, 2 * args.concurrency)
+    add_record_option(parser)
+    return parser.parse_args(argv)
 
-    workdir = Path(tempfile.mkdtemp(prefix="bench-service-"))
-    artifacts = args.out or workdir / "artifacts"
-    print(f"machine: {os.cpu_count()} CPU cores; exporting {args.variant} to {artifacts}")
+
+def export_both(args: argparse.Namespace, artifacts: Path, workdir: Path) -> Path:
+    """This project's export into `artifacts` and the plain one beside it; the plain export's path."""
     import export
 
+    print(f"machine: {os.cpu_count()} CPU cores; exporting {args.variant} to {artifacts}")
     checkpoint = checkpoint_or_random(args.checkpoint, args.variant, workdir)
     meta = export.export_artifacts(
         checkpoint, artifacts, variant=args.variant, max_batch=args.max_batch, precision="fp32"
@@ -434,11 +344,11 @@ def main(argv: list[str] | None = None) -> int:
         f"export's bf16 check: safe={bf16['safe']} ({bf16['reason']}); agreement {bf16['top1_agreement']} %, "
         f"max logit diff {bf16['max_logit_diff']} on {bf16['inputs']}"
     )
-    plain = plain_export(artifacts, workdir / "plain.onnx")
-    jpegs = real_jpegs(12)
-    print(f"inputs: {len(jpegs)} real JPEG photos, {min(len(j) for j in jpegs)}..{max(len(j) for j in jpegs)} bytes")
+    return plain_export(artifacts, workdir / "plain.onnx")
 
-    # ---- raw engines, in process
+
+def measure_raw_engines(artifacts: Path, jpegs: list[bytes], args: argparse.Namespace) -> tuple:
+    """The engine the service picks, and ONNX Runtime fp32, in this process: (what, raw, raw CPU, ORT raw)."""
     from service.artifacts import read_artifacts
     from service.backends import OnnxRuntimeBackend, select_backend
 
@@ -448,14 +358,16 @@ def main(argv: list[str] | None = None) -> int:
     engine = selection.backend
     print(f"raw engine: {engine.name} {engine.precision} ({selection.reason})")
     raw, raw_cpu = raw_engine(engine, pixels, args.max_batch, f"{engine.name} {engine.precision}")
+    what = f"{engine.name} {engine.precision}, {engine.streams} stream(s)"
     engine.close()
     ort = OnnxRuntimeBackend(served, gpu=False, streams=args.streams)
     ort_raw, _ = raw_engine(ort, pixels, args.max_batch, "onnxruntime fp32")
     ort.close()
-    best_batch = max(raw, key=raw.get)
+    return what, raw, raw_cpu, ort_raw
 
-    # ---- the service, cam off and on
-    env = os.environ | {"PYTHONPATH": str(ROOT), "VITAE_LOG_LEVEL": "warning"}
+
+def measure_service(artifacts: Path, jpegs: list[bytes], best_batch: int, args, workdir: Path) -> tuple[dict, dict]:
+    """`python -m service` with cam=false, then cam=true: drive()'s figures for each."""
     port = free_port()
     served_env = service_env(
         artifacts,
@@ -470,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         queue_capacity=4096,
         request_timeout_s=300,
     )
-    url = f"http://127.0.0.1:{port}"
+    url, c, total = f"http://127.0.0.1:{port}", args.concurrency, max(args.requests, 2 * args.concurrency)
     print(f"service (python -m service, max batch {best_batch}, max delay {args.max_delay_ms} ms)")
     process = start([sys.executable, "-m", "service"], served_env, port, workdir / "service.log", "/readyz")
     try:
@@ -481,77 +393,124 @@ def main(argv: list[str] | None = None) -> int:
         cam = measure("service cam=true", url, jpegs, c, total, raw_jpeg("/classify", cam="true"), process)
     finally:
         stop(process)
+    return service, cam
 
-    # ---- the plain export behind a naive endpoint, then behind LitServe
+
+def measure_baseline(name: str, runner: str, ready_path: str, request, jpegs: list[bytes], args, log: Path, **kwargs):
+    """A baseline server, `runner(port=..., **kwargs)` of this module in its own process, under the service's load."""
+    env = os.environ | {"PYTHONPATH": str(ROOT), "VITAE_LOG_LEVEL": "warning"}
     port = free_port()
-    naive_command = [
-        sys.executable,
-        "-c",
-        "import sys, uvicorn; sys.path.insert(0, 'benchmarks'); from bench_service import naive_app; "
-        f"uvicorn.run(naive_app({str(artifacts)!r}, {str(plain)!r}), host='127.0.0.1', port={port}, "
-        "log_level='warning')",
-    ]
-    print("naive FastAPI endpoint (plain export, one session.run per request)")
-    process = start(naive_command, env, port, workdir / "naive.log", "/readyz")
+    code = f"import sys; sys.path.insert(0, 'benchmarks'); from bench_service import {runner}; "
+    command = [sys.executable, "-c", code + f"{runner}(port={port}, **{kwargs!r})"]
+    total = max(args.requests, 2 * args.concurrency)
+    process = start(command, env, port, log, ready_path)
     try:
-        naive = measure("naive endpoint", f"http://127.0.0.1:{port}", jpegs, c, total, raw_jpeg("/classify"), process)
+        return measure(name, f"http://127.0.0.1:{port}", jpegs, args.concurrency, total, request, process)
     finally:
         stop(process)
 
-    litserve = None
+
+def measure_baselines(artifacts: Path, plain: Path, jpegs: list[bytes], best_batch: int, args, workdir: Path) -> tuple:
+    """The plain export behind a naive endpoint, then behind LitServe (None when not installed)."""
+    files = {"artifacts": str(artifacts), "plain_onnx": str(plain)}
+    print("naive FastAPI endpoint (plain export, one session.run per request)")
+    log = workdir / "naive.log"
+    naive = measure_baseline("naive endpoint", "run_naive", "/readyz", raw_jpeg("/classify"), jpegs, args, log, **files)
     if ls is None:
         print("LitServe: not installed (pip install -e '.[bench]'); skipped")
-    else:
-        port = free_port()
-        lit_command = [
-            sys.executable,
-            "-c",
-            "import sys; sys.path.insert(0, 'benchmarks'); from bench_service import run_litserve; "
-            f"run_litserve({str(artifacts)!r}, {str(plain)!r}, {port}, {best_batch}, {args.max_delay_ms / 1000})",
-        ]
-        print(f"LitServe (plain export, max batch {best_batch}, batch timeout {args.max_delay_ms} ms)")
-        process = start(lit_command, env, port, workdir / "litserve.log", "/health")
-        try:
-            litserve = measure("LitServe", f"http://127.0.0.1:{port}", jpegs, c, total, multipart("/predict"), process)
-        finally:
-            stop(process)
+        return naive, None
+    print(f"LitServe (plain export, max batch {best_batch}, batch timeout {args.max_delay_ms} ms)")
+    batching = {"max_batch": best_batch, "batch_timeout_s": args.max_delay_ms / 1000}
+    log = workdir / "litserve.log"
+    litserve = measure_baseline(
+        "LitServe", "run_litserve", "/health", multipart("/predict"), jpegs, args, log, **files, **batching
+    )
+    return naive, litserve
 
-    # ---- the table
+
+# ------------------------------------------------------------------ the report
+
+
+def result_rows(run: Run) -> list[dict[str, object]]:
+    """The table's rows as printed (benchmarks/results/service.csv's columns); None: no such figure."""
+    best = run.best_batch
+    blank = dict.fromkeys(("p50_ms", "p95_ms", "server_cpu_ms_per_image", "loadgen_cpu_ms_per_image"))
+    rows = [
+        {"what": f"raw engine: {run.engine}, best batch {best}", "images_per_s": round(run.raw[best], 1)}
+        | blank
+        | {"server_cpu_ms_per_image": round(run.raw_cpu[best], 0)},
+        {"what": "raw ONNX Runtime fp32 on model.onnx, best batch", "images_per_s": round(max(run.ort_raw.values()), 1)}
+        | blank,
+    ]
+    served = [("this service, cam=false", run.service), ("this service, cam=true", run.cam)]
+    served += [("naive endpoint", run.naive)] + ([("LitServe", run.litserve)] if run.litserve is not None else [])
+    for name, r in served:
+        rows.append(
+            {
+                "what": name,
+                "images_per_s": round(r["images_per_s"], 1),
+                "p50_ms": round(r["p50"], 0),
+                "p95_ms": round(r["p95"], 0),
+                "server_cpu_ms_per_image": round(r["cpu_ms_per_image"], 0),
+                "loadgen_cpu_ms_per_image": round(r["client_cpu_ms_per_image"], 0),
+            }
+        )
+    return rows
+
+
+def ratios(run: Run) -> dict[str, float | None]:
+    service = run.service["images_per_s"]
+    return {
+        "service / naive endpoint": service / run.naive["images_per_s"],
+        "service / LitServe": None if run.litserve is None else service / run.litserve["images_per_s"],
+        "service / its raw engine": service / run.raw[run.best_batch],
+        "service cam=true / cam=false": run.cam["images_per_s"] / service,
+    }
+
+
+def report(run: Run) -> None:
+    """The table, the ratios against the goals, and the CPU per image, which drifts less than throughput."""
     print()
-    print(f"ViTAE-T 224, {os.cpu_count()} CPU cores, {c} concurrent clients, real JPEGs; one run")
+    print(f"ViTAE-T 224, {os.cpu_count()} CPU cores, {run.clients} concurrent clients, real JPEGs; one run")
     print("| what | images/s | p50 ms | p95 ms | server CPU ms/image | load generator CPU ms/image |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    what = f"{engine.name} {engine.precision}, {engine.streams} stream(s), best batch {best_batch}"
-    print(f"| raw engine: {what} | {raw[best_batch]:.1f} | | | {raw_cpu[best_batch]:.0f} | |")
-    print(f"| raw ONNX Runtime fp32 on model.onnx, best batch | {max(ort_raw.values()):.1f} | | | | |")
-    rows = [("this service, cam=false", service), ("this service, cam=true", cam), ("naive endpoint", naive)]
-    if litserve is not None:
-        rows.append(("LitServe", litserve))
-    for name, r in rows:
-        print(
-            f"| {name} | {r['images_per_s']:.1f} | {r['p50']:.0f} | {r['p95']:.0f} | {r['cpu_ms_per_image']:.0f} "
-            f"| {r['client_cpu_ms_per_image']:.0f} |"
-        )
+    for row in result_rows(run):
+        formats = ("", ".1f", ".0f", ".0f", ".0f", ".0f")
+        cells = ["" if value is None else format(value, f) for value, f in zip(row.values(), formats, strict=True)]
+        print("|" + "|".join(f" {cell} " if cell else " " for cell in cells) + "|")
     print()
-    ratios = {
-        "service / naive endpoint": service["images_per_s"] / naive["images_per_s"],
-        "service / LitServe": None if litserve is None else service["images_per_s"] / litserve["images_per_s"],
-        "service / its raw engine": service["images_per_s"] / raw[best_batch],
-        "service cam=true / cam=false": cam["images_per_s"] / service["images_per_s"],
-    }
-    for name, ratio in ratios.items():
+    for name, ratio in ratios(run).items():
         if ratio is None:
             print(f"{name:30s}   n/a  (goal >= {GOALS[name]:.2f})")
         else:
             verdict = "met" if ratio >= GOALS[name] else "NOT met"
             print(f"{name:30s} {ratio:5.2f}  (goal >= {GOALS[name]:.2f}: {verdict})")
+    service, cam = run.service, run.cam
     cpu_ratio = service["cpu_ms_per_image"] / cam["cpu_ms_per_image"]
     print(f"{'server CPU/image cam=false / cam=true':30s} {cpu_ratio:5.2f}  (the cam cost without the load's noise)")
-    engine_share = raw_cpu[best_batch] / service["cpu_ms_per_image"]
+    engine_share = run.raw_cpu[run.best_batch] / service["cpu_ms_per_image"]
     print(
         f"{'raw engine CPU/image / service CPU/image':30s} {engine_share:5.2f}  (the share of the server's CPU that is "
         f"inference; the load generator took {service['client_cpu_ms_per_image']:.0f} ms/image of the same cores)"
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-service-"))
+    artifacts = args.out or workdir / "artifacts"
+    # ---- measure: the exports, the raw engines in process, the service, the baselines
+    plain = export_both(args, artifacts, workdir)
+    jpegs = real_jpegs(12)
+    print(f"inputs: {len(jpegs)} real JPEG photos, {min(len(j) for j in jpegs)}..{max(len(j) for j in jpegs)} bytes")
+    engine, raw, raw_cpu, ort_raw = measure_raw_engines(artifacts, jpegs, args)
+    best_batch = max(raw, key=raw.get)
+    service, cam = measure_service(artifacts, jpegs, best_batch, args, workdir)
+    naive, litserve = measure_baselines(artifacts, plain, jpegs, best_batch, args, workdir)
+    run = Run(args.concurrency, engine, raw, raw_cpu, ort_raw, service, cam, naive, litserve)
+    # ---- report
+    report(run)
+    record("service", result_rows(run), args.record)
     return 0
 
 

@@ -6,10 +6,14 @@ The docs render these files (docs/hooks.py), so a figure always appears beside i
 
     from results import append_rows
     append_rows("export", [{"runtime": "exported, ORT ENABLE_ALL", "images_per_s": 37.5}])
+
+Each script offers `--record [DIR]` (`add_record_option`) and, after printing its figures, hands the rows built from
+them by its own `result_rows` to `record`.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import importlib.metadata
@@ -60,13 +64,23 @@ def versions() -> str:
     return ", ".join(found)
 
 
-def command() -> str:
-    script = Path(sys.argv[0])
+def command(argv: Sequence[str] | None = None) -> str:
+    """The command line that measured the figures, without the `--record [DIR]` that only says where they go."""
+    argv = list(sys.argv if argv is None else argv)
+    script = Path(argv[0])
     try:
         script = script.resolve().relative_to(Path.cwd())
     except ValueError:
         pass
-    return shlex.join(["python", str(script), *sys.argv[1:]])
+    args, rest = [], argv[1:]
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--record":
+            if rest and not rest[0].startswith("-"):
+                rest.pop(0)
+        elif not arg.startswith("--record="):
+            args.append(arg)
+    return shlex.join(["python", str(script), *args])
 
 
 def run_context(source: str = "") -> dict[str, str]:
@@ -114,3 +128,24 @@ def _cell(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) < 1000 else f"{value:.0f}"
     return "" if value is None else str(value)
+
+
+def add_record_option(parser: argparse.ArgumentParser) -> None:
+    """`--record [DIR]`: append the printed figures as rows to DIR/<benchmark>.csv (DIR: benchmarks/results)."""
+    parser.add_argument(
+        "--record",
+        nargs="?",
+        const=RESULTS_DIR,
+        default=None,
+        type=Path,
+        metavar="DIR",
+        help="append the printed figures as rows to DIR/<benchmark>.csv (default DIR: benchmarks/results)",
+    )
+
+
+def record(name: str, rows: Sequence[Mapping[str, object]], directory: Path | None) -> None:
+    """Append `rows` to `<directory>/<name>.csv` and say so; nothing when `directory` is None (no --record)."""
+    if directory is None:
+        return
+    path = append_rows(name, rows, directory)
+    print(f"recorded {len(rows)} row(s) in {path}")

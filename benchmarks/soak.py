@@ -18,16 +18,14 @@ from __future__ import annotations
 import argparse
 import collections
 import io
-import os
 import random
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -35,6 +33,10 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from harness import free_port, service_env, start, stop  # noqa: E402
+from results import add_record_option, record  # noqa: E402
 
 
 def encode(image: Image.Image, fmt: str) -> bytes:
@@ -114,10 +116,25 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+@dataclass
+class Soak:
+    """What a soak saw: every answer's status (0: a deliberate disconnect, -1: a client-side transport error) and
+    the server's RSS samples after the warm-up."""
+
+    minutes: float
+    statuses: collections.Counter[int]
+    rss_after_warmup_mb: list[float]
+
+    @property
+    def errors(self) -> int:
+        return sum(n for s, n in self.statuses.items() if s >= 500)
+
+    @property
+    def drift(self) -> float:
+        """Mean RSS of the last third of the samples over that of the first third, minus one."""
+        third = max(1, len(self.rss_after_warmup_mb) // 3)
+        early, late = np.mean(self.rss_after_warmup_mb[:third]), np.mean(self.rss_after_warmup_mb[-third:])
+        return float((late - early) / early)
 
 
 def main() -> None:
@@ -128,47 +145,33 @@ def main() -> None:
     parser.add_argument("--warmup-s", type=float, default=30.0)
     parser.add_argument("--log", type=Path, default=Path("soak-service.log"), help="the service's output")
     parser.add_argument("--checkpoint", type=Path, default=ROOT / "demo" / "model" / "vitae_fmnist.safetensors")
+    add_record_option(parser)
     args = parser.parse_args()
 
     random.seed(0)
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp:
-        env = os.environ | {
-            "VITAE_ARTIFACTS": str(Path(tmp) / "artifacts"),
-            "VITAE_CHECKPOINT": str(args.checkpoint),
-            "VITAE_BACKEND": "onnxruntime",
-            "VITAE_DEVICE": "cpu",
-            "VITAE_HOST": "127.0.0.1",
-            "VITAE_PORT": str(port),
-            "VITAE_LOG_LEVEL": "warning",
-            "VITAE_DRAIN_GRACE_S": "0",
-        }
-        log = open(args.log, "w+")  # noqa: SIM115 (read back at the end)
-        server = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=log, stderr=log)
+        env = service_env(
+            Path(tmp) / "artifacts",
+            port,
+            auto_export="true",
+            checkpoint=args.checkpoint,
+            backend="onnxruntime",
+            device="cpu",
+            drain_grace_s=0,
+        )
+        server = start([sys.executable, "-m", "service"], env, port, args.log, "/readyz", timeout=300)
         try:
-            deadline = time.monotonic() + 300
-            while True:
-                try:
-                    if httpx.get(f"{url}/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if server.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    raise SystemExit(f"the service did not start:\n{log.read()}")
-                time.sleep(0.2)
-            run(url, server.pid, args)
+            soak = run(f"http://127.0.0.1:{port}", server.pid, args)
         finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait(timeout=60)
-            log.seek(0)
-            text = log.read()
-            tracebacks = text.count("Traceback")
+            stop(server)
+            tracebacks = args.log.read_text().count("Traceback")
             print(f"service exit status {server.returncode}; tracebacks in its log ({args.log}): {tracebacks}")
+    report(soak)
+    record("soak", result_rows(soak), args.record)
 
 
-def run(url: str, pid: int, args: argparse.Namespace) -> None:
+def run(url: str, pid: int, args: argparse.Namespace) -> Soak:
     data = inputs()
     statuses: collections.Counter[int] = collections.Counter()
     lock = threading.Lock()
@@ -204,20 +207,41 @@ def run(url: str, pid: int, args: argparse.Namespace) -> None:
     stop.set()
     for thread in threads:
         thread.join(timeout=120)
+    return Soak(args.minutes, statuses, [rss for t, rss in samples if t >= args.warmup_s])
 
-    after_warmup = [rss for t, rss in samples if t >= args.warmup_s]
+
+def report(soak: Soak) -> None:
+    statuses, after_warmup = soak.statuses, soak.rss_after_warmup_mb
     third = max(1, len(after_warmup) // 3)
     early, late = np.mean(after_warmup[:third]), np.mean(after_warmup[-third:])
-    drift = (late - early) / early
-    errors = sum(n for s, n in statuses.items() if s >= 500)
     print(f"\nrequests: {sum(statuses.values())} ({dict(sorted(statuses.items()))}; 0 = a deliberate disconnect)")
-    print(f"5xx: {errors}; client-side transport errors: {statuses.get(-1, 0)}")
+    print(f"5xx: {soak.errors}; client-side transport errors: {statuses.get(-1, 0)}")
     print(
         f"RSS after warm-up ({len(after_warmup)} samples): "
         f"min {min(after_warmup):.1f}, max {max(after_warmup):.1f} MB; "
-        f"mean of the first third {early:.1f} MB, of the last third {late:.1f} MB ({drift:+.1%})"
+        f"mean of the first third {early:.1f} MB, of the last third {late:.1f} MB ({soak.drift:+.1%})"
     )
-    print(f"goal (flat ±5 %, 0 5xx): {'met' if abs(drift) <= 0.05 and errors == 0 else 'NOT met'}")
+    print(f"goal (flat ±5 %, 0 5xx): {'met' if abs(soak.drift) <= 0.05 and soak.errors == 0 else 'NOT met'}")
+
+
+def result_rows(soak: Soak) -> list[dict[str, object]]:
+    """The summary as one row (benchmarks/results/soak.csv's columns)."""
+    answered = [f"{n:,} × {status}" for status, n in sorted(soak.statuses.items()) if status > 0]
+    if soak.statuses.get(0):
+        answered.append(f"{soak.statuses[0]:,} deliberate disconnects")
+    if soak.statuses.get(-1):
+        answered.append(f"{soak.statuses[-1]:,} client-side transport errors")
+    rss = soak.rss_after_warmup_mb
+    return [
+        {
+            "minutes": soak.minutes,
+            "requests": sum(soak.statuses.values()),
+            "status_counts": ", ".join(answered),
+            "responses_5xx": soak.errors,
+            "rss_mb_after_first_minute": f"{min(rss):.1f}–{max(rss):.1f}",
+            "rss_drift_percent": f"{100 * soak.drift:+.1f}",
+        }
+    ]
 
 
 if __name__ == "__main__":

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -16,6 +14,7 @@ import numpy as np
 import pytest
 from support.optional import DEV_ONLY
 
+from benchmarks.harness import free_port, wait_ready
 from export.inputs import SAMPLES, drawn_images, real_images
 from model.data import FASHION_MNIST_DIR, FASHION_MNIST_ENV, fashion_mnist_dir
 
@@ -55,12 +54,6 @@ def test_the_dataset_location_is_read_from_the_environment_at_call_time(tmp_path
     assert fashion_mnist_dir() == tmp_path
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _hidden_dataset_command(empty: Path) -> list[str]:
     """Run in a private mount namespace with an empty folder over Debian's dataset location, where possible.
 
@@ -79,7 +72,7 @@ def _hidden_dataset_command(empty: Path) -> list[str]:
 def test_the_serve_command_becomes_ready_and_classifies_with_no_dataset_and_no_artifacts(tmp_path):
     empty = tmp_path / "no-dataset"
     empty.mkdir()
-    port = _free_port()
+    port = free_port()
     env = os.environ | {
         FASHION_MNIST_ENV: str(empty),
         "VITAE_ARTIFACTS": str(tmp_path / "artifacts"),
@@ -92,18 +85,10 @@ def test_the_serve_command_becomes_ready_and_classifies_with_no_dataset_and_no_a
     process = subprocess.Popen(_hidden_dataset_command(empty), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 240
-        status = None
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                response = httpx.get(f"{url}/readyz", timeout=5)
-                status = response.json()
-                if response.status_code == 200 or status.get("status") == "failed":
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        assert status is not None and status.get("status") != "failed", (tmp_path / "service.log").read_text()
+        try:
+            wait_ready(url, timeout=240, exited=lambda: process.poll() is not None)
+        except RuntimeError as exc:
+            pytest.fail(f"the service did not become ready: {exc}\n{(tmp_path / 'service.log').read_text()}")
         sample = sorted(SAMPLES.glob("*.png"))[0]
         response = httpx.post(
             f"{url}/classify",

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import uvicorn
 
+from benchmarks.harness import free_port  # noqa: F401  (the tests' free port is the benchmarks' one)
+from benchmarks.harness import wait_ready as poll_ready
 from service import create_app
 from service.server import server_config
 from service.settings import Settings
@@ -51,14 +51,7 @@ class ServerThread:
 
 def wait_ready(url: str, timeout: float = 60.0) -> dict:
     """Poll /readyz until 200 (its body) or failed/timeout (RuntimeError)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        response = httpx.get(f"{url}/readyz")
-        if response.status_code == 200:
-            return response.json()
-        if response.json().get("status") == "failed" or time.monotonic() > deadline:
-            raise RuntimeError(f"service not ready: {response.json()}")
-        time.sleep(0.02)
+    return poll_ready(url, timeout=timeout, interval=0.02)
 
 
 @contextmanager
@@ -89,10 +82,3 @@ def metric(text: str, name: str, **labels: str) -> float:
             if all(w in line for w in wanted):
                 return float(line.rsplit(" ", 1)[1])
     return 0.0
-
-
-def free_port() -> int:
-    """A local TCP port free at the time of asking."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -1,0 +1,200 @@
+"""What the benchmarks share to run a server and load it (no figures are computed here).
+
+- a free local port, and the environment of a `python -m service` on it (`service_env`);
+- a server process started in its own process group and polled until ready (`start`, `wait_ready`), stopped with
+  its workers (`stop`), and its CPU time read from /proc (`cpu_seconds`);
+- real JPEG photos to send (`real_jpegs`);
+- a closed-loop client: N clients, each sending its next request when the last one is answered (`closed_loop`).
+
+The scripts put `benchmarks/` on sys.path and import this as `harness`; tests import it as `benchmarks.harness`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A local TCP port free at the time of asking."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def service_env(artifacts: Path, port: int, **settings: object) -> dict[str, str]:
+    """The environment of a `python -m service` that serves `artifacts` as they are on 127.0.0.1:`port`;
+    each keyword is one more setting, e.g. backend="openvino" -> VITAE_BACKEND=openvino."""
+    env = os.environ | {
+        "PYTHONPATH": str(ROOT),
+        "VITAE_LOG_LEVEL": "warning",
+        "VITAE_ARTIFACTS": str(artifacts),
+        "VITAE_AUTO_EXPORT": "false",
+        "VITAE_HOST": "127.0.0.1",
+        "VITAE_PORT": str(port),
+    }
+    return env | {f"VITAE_{name.upper()}": str(value) for name, value in settings.items()}
+
+
+class ServerFailed(RuntimeError):
+    """The server started but its model failed to load; the message is its /readyz detail."""
+
+
+class ServerNotReady(RuntimeError):
+    """The server exited, or did not answer ready before the deadline."""
+
+
+def wait_ready(
+    url: str,
+    *,
+    ready_path: str = "/readyz",
+    timeout: float = 600.0,
+    interval: float = 0.5,
+    exited: Callable[[], bool] = lambda: False,
+) -> dict:
+    """Poll `url + ready_path` until it answers 200 and return its JSON body ({} when it is not JSON).
+
+    Raises ServerFailed when the body says `"status": "failed"`, ServerNotReady when `exited()` turns true or
+    `timeout` seconds pass; a refused connection (the server still binding its port) is polled again.
+    """
+    deadline = time.monotonic() + timeout
+    seen = "no answer"
+    while True:
+        if exited():
+            raise ServerNotReady("exited")
+        try:
+            response = httpx.get(f"{url}{ready_path}")
+            body = response.json() if "json" in response.headers.get("content-type", "") else {}
+            if response.status_code == 200:
+                return body
+            if body.get("status") == "failed":
+                raise ServerFailed(body.get("detail", "failed to load"))
+            seen = f"{response.status_code} {body or response.text[:200]}"
+        except httpx.TransportError as exc:
+            seen = f"{type(exc).__name__}"
+        if time.monotonic() > deadline:
+            raise ServerNotReady(f"did not become ready in {timeout:g} s (last answer: {seen})")
+        time.sleep(interval)
+
+
+def start(
+    command: list[str], env: dict[str, str], port: int, log: Path, ready_path: str, timeout: float = 600.0
+) -> subprocess.Popen:
+    """Run `command` in its own process group, its output in `log`, and wait until it answers ready."""
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        url, exited = f"http://127.0.0.1:{port}", lambda: process.poll() is not None
+        wait_ready(url, ready_path=ready_path, timeout=timeout, exited=exited)
+    except ServerFailed:
+        stop(process)
+        raise
+    except ServerNotReady as exc:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        raise SystemExit(f"{command[:3]} {exc}; see {log}") from None
+    return process
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (LitServe runs its workers as child processes)."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def cpu_seconds(group: int) -> float:
+    """User + system CPU time of every process in a process group (a server and its workers), Linux only."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command: state, ppid, pgrp, ...
+        except OSError:
+            continue
+        if int(fields[2]) == group:
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def real_jpegs(count: int) -> list[bytes]:
+    """Real photos shipped inside installed packages (scikit-learn, matplotlib), re-encoded at a few sizes."""
+    from PIL import Image
+
+    found = []
+    for package, relative in (
+        ("sklearn", "datasets/images/china.jpg"),
+        ("sklearn", "datasets/images/flower.jpg"),
+        ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
+    ):
+        try:
+            module = __import__(package)
+        except ImportError:
+            continue
+        path = Path(module.__file__).parent / relative
+        if path.is_file():
+            found.append(Image.open(path).convert("RGB"))
+    if not found:
+        raise SystemExit("no real JPEG photos found (install scikit-learn or matplotlib, the dev extras)")
+    out = []
+    for i in range(count):
+        photo = found[i % len(found)]
+        scale = (1.0, 0.8, 0.6, 1.25)[(i // len(found)) % 4]
+        width, height = (round(side * scale) for side in photo.size)
+        buffer = io.BytesIO()
+        photo.resize((width, height)).save(buffer, format="JPEG", quality=85 + i % 10)
+        out.append(buffer.getvalue())
+    return out
+
+
+@dataclass
+class Loop:
+    """What a closed loop saw: the latency of every 200 answer, the requests that got none, its wall time."""
+
+    latencies_s: list[float]
+    errors: int
+    elapsed_s: float
+
+
+Send = Callable[[httpx.AsyncClient, int], Awaitable[httpx.Response]]
+
+
+async def closed_loop(http: httpx.AsyncClient, clients: int, total: int, send: Send) -> Loop:
+    """`clients` clients share `total` requests, each sending its next when the last is answered; `send(http, i)`
+    sends the i-th. A status other than 200 or a dropped connection counts as an error, not as a latency."""
+    latencies: list[float] = []
+    errors = 0
+    sent = 0
+
+    async def client() -> None:
+        nonlocal sent, errors
+        while sent < total:
+            index, sent = sent, sent + 1
+            started = time.perf_counter()
+            try:
+                response = await send(http, index)
+            except httpx.HTTPError:
+                errors += 1
+                continue
+            if response.status_code == 200:
+                latencies.append(time.perf_counter() - started)
+            else:
+                errors += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return Loop(latencies, errors, time.perf_counter() - started)
