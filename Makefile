@@ -37,7 +37,7 @@ $(CHROMIUM):
 # The picture of the web page in the README and docs/serving/web-page.md: taken by the browser tests
 # (test-artifacts/ui/readme.png), copied to docs/ui.png.
 ui-screenshot: setup browser
-	$(BIN)/python -m pytest -q tests/test_service_ui.py -k several
+	$(BIN)/python -m pytest -q tests/service/routes/test_web_page.py -k several
 	mkdir -p docs
 	cp test-artifacts/ui/readme.png docs/ui.png
 

@@ -5,7 +5,7 @@
 # the service's small runtime packages that such an image lacks come from .whl/, prepared on a connected machine
 # by `make wheels` and carried with the working tree; they are installed into a temporary folder, not the system.
 # 1. says which GPU, torch and optional parts are here, and which parts it skips and why (TensorRT, onnxruntime-gpu),
-# 2. runs the GPU tests and the GPU-path tests (pytest -m gpu, tests/test_gpu_decode.py, tests/test_service_gpu_torch.py),
+# 2. runs the GPU tests and the GPU-path tests (pytest -m gpu, tests/service/test_gpu_decode.py, tests/service/backends/test_torch_cuda.py),
 # 3. runs benchmarks/bench_gpu.py: agreement with fp32 per precision, raw engine images/s at batch 1/8/64/256 for
 #    PyTorch fp32, PyTorch half + CUDA graphs and TensorRT where it imports, GPU-decode images/s, and the service
 #    over HTTP with JPEG uploads (GPU decode and PIL decode) at 64 clients, beside the goals.
@@ -61,7 +61,7 @@ PY
 step "GPU tests (pytest -m gpu) and the GPU path's own tests"
 "$PY" -m pytest -q -rs -s -p no:cacheprovider -m gpu
 gpu_tests=$?
-"$PY" -m pytest -q -rs -s -p no:cacheprovider tests/test_gpu_decode.py tests/test_service_gpu_torch.py
+"$PY" -m pytest -q -rs -s -p no:cacheprovider tests/service/test_gpu_decode.py tests/service/backends/test_torch_cuda.py
 path_tests=$?
 [ "$gpu_tests" = 5 ] && gpu_tests=0  # 5: no test selected (every GPU module skipped), reported above
 

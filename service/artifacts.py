@@ -25,8 +25,11 @@ class ArtifactsError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class ServedModel:
-    """Everything the service needs from an artifacts folder besides the backend itself."""
+class ServedArtifacts:
+    """The artifacts folder as the service reads it: its metadata, labels, preprocessing and Grad-CAM head.
+
+    No model is loaded here; a backend (service.backends) loads one from these artifacts.
+    """
 
     folder: Path
     metadata: ArtifactsMetadata
@@ -93,7 +96,7 @@ def match_class_name(class_names: list[str], value: str) -> int:
     )
 
 
-def read_artifacts(folder: str | Path) -> ServedModel:
+def read_artifacts(folder: str | Path) -> ServedArtifacts:
     """Read metadata.json and head.safetensors of an export folder (no model is loaded here)."""
     folder = Path(folder)
     if not (folder / METADATA).is_file():
@@ -119,7 +122,7 @@ def read_artifacts(folder: str | Path) -> ServedModel:
         raise ArtifactsError(
             f"head.safetensors has {weight.shape[0]} classes but metadata.json names {len(class_names)}; re-export"
         )
-    return ServedModel(
+    return ServedArtifacts(
         folder=folder,
         metadata=meta,
         name=meta.name or folder.name,
@@ -140,7 +143,7 @@ def _same_file(a: str | Path | None, b: Path) -> bool:
         return False
 
 
-def ensure_artifacts(settings: Settings) -> ServedModel:
+def ensure_artifacts(settings: Settings) -> ServedArtifacts:
     """Serve `settings.artifacts`, running the export stage first when they are missing or stale.
 
     The configured checkpoint is exported when the folder has no metadata, or when its artifacts came

@@ -21,7 +21,7 @@ from starlette.datastructures import UploadFile
 
 from model.preprocess import ACCEPTED_FORMATS, ImageDecodeError, ImageTooLargeError
 
-from .artifacts import ServedModel
+from .artifacts import ServedArtifacts
 from .dispatch import Answer, Options
 from .gradcam import resolve_cell
 from .inference import PreparedImage, prepare_image
@@ -106,7 +106,7 @@ def image_error(exc: Exception) -> HTTPException:
 
 
 async def prepare_all(
-    state: ServiceState, served: ServedModel, uploads: list[bytes], keep_original: bool
+    state: ServiceState, served: ServedArtifacts, uploads: list[bytes], keep_original: bool
 ) -> list[PreparedImage | HTTPException]:
     """Decode and preprocess every upload in the thread pool; a bad image becomes its own HTTPException."""
     loop = asyncio.get_running_loop()
@@ -130,7 +130,7 @@ def ms(seconds: float) -> float:
 
 
 async def shape_result(
-    state: ServiceState, served: ServedModel, image: PreparedImage, answer: Answer, k: int, arrived: float
+    state: ServiceState, served: ServedArtifacts, image: PreparedImage, answer: Answer, k: int, arrived: float
 ) -> ClassifyResult:
     """One image's response: its top-k, its CAM rendered to pictures (in the decode pool), its timings."""
     cam = None

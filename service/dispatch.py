@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 from fastapi import HTTPException, Request
 
-from .batcher import Batcher, BatchFailedError, DeadlineExceeded, Job, Outcome, QueueFullError, ShuttingDownError
+from .batcher import Batcher
 from .inference import ClassifyInput, ClassifyOutput, GradCAMInput, PreparedImage
+from .jobs import BatchFailedError, DeadlineExceeded, Job, Outcome, QueueFullError, ShuttingDownError
 from .lifecycle import Runtime, ServiceState
 
 

@@ -17,7 +17,7 @@ The path of one request's uploads:
 
 Known differences from the PIL path: PIL decodes large JPEGs at a reduced DCT scale (draft mode) and resamples
 only the crop box, nvJPEG's IDCT and chroma upsampling differ from libjpeg's by a level or two, and a grey model
-gets nvJPEG's luma plane rather than PIL's RGB -> L conversion. tests/test_gpu_decode.py measures the effect.
+gets nvJPEG's luma plane rather than PIL's RGB -> L conversion. tests/service/test_gpu_decode.py measures the effect.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from PIL import Image
 from model import Preprocessing
 from model.preprocess import decode_image, preprocess, resize_size
 
-from .artifacts import ServedModel
+from .artifacts import ServedArtifacts
 from .backends import Backend
 from .gradcam import AutogradGradCAM
 from .numerics import Guarded, NonFiniteGuard
@@ -65,7 +65,7 @@ class ClassifyOutput:
 
 
 def classify_batch(
-    backend: Backend, served: ServedModel, inputs: Sequence[ClassifyInput], guard: NonFiniteGuard | None = None
+    backend: Backend, served: ServedArtifacts, inputs: Sequence[ClassifyInput], guard: NonFiniteGuard | None = None
 ) -> list[ClassifyOutput]:
     """One backend call for the batch (through `guard`, when given); last-cell CAMs for the images that asked."""
     images = np.stack([item.pixels for item in inputs])  # (B, C, S, S)

@@ -25,7 +25,7 @@ from functools import partial
 import numpy as np
 from fastapi import FastAPI
 
-from .artifacts import ServedModel, ensure_artifacts
+from .artifacts import ServedArtifacts, ensure_artifacts
 from .backends import Backend, precision_of, select_backend, streams_of
 from .batcher import Batcher
 from .gradcam import AutogradGradCAM
@@ -56,7 +56,7 @@ class Status(StrEnum):
 class Runtime:
     """What the lifespan loads: the served model, its backend and the batchers in front of them."""
 
-    served: ServedModel
+    served: ServedArtifacts
     backend: Backend
     reason: str
     classifier: Batcher[ClassifyInput, ClassifyOutput]
@@ -92,13 +92,13 @@ class ServiceState:
 # ---------------------------------------------------------------- loading
 
 
-def _warm_up(backend: Backend, served: ServedModel, max_batch: int) -> None:
+def _warm_up(backend: Backend, served: ServedArtifacts, max_batch: int) -> None:
     prep = served.preprocessing
     for batch in sorted({1, max_batch}):
         backend.infer(np.zeros((batch, prep.in_chans, prep.img_size, prep.img_size), np.float32))
 
 
-def _load_explainer(served: ServedModel) -> AutogradGradCAM | None:
+def _load_explainer(served: ServedArtifacts) -> AutogradGradCAM | None:
     weights = served.file("weights")
     if weights is None:
         return None
@@ -108,7 +108,7 @@ def _load_explainer(served: ServedModel) -> AutogradGradCAM | None:
     return AutogradGradCAM(rebuild_model(served.metadata, weights))
 
 
-async def _choose_backend(settings: Settings, served: ServedModel, given: Backend | None) -> tuple[Backend, str]:
+async def _choose_backend(settings: Settings, served: ServedArtifacts, given: Backend | None) -> tuple[Backend, str]:
     if given is not None:
         return given, "given by the caller"
     selection = await asyncio.to_thread(
@@ -136,7 +136,7 @@ def _batcher(run_batch, settings: Settings, metrics: Metrics, name: str, max_bat
     )
 
 
-def classify_max_batch(settings: Settings, backend: Backend, served: ServedModel) -> int:
+def classify_max_batch(settings: Settings, backend: Backend, served: ServedArtifacts) -> int:
     """The classify batcher's largest batch: VITAE_MAX_BATCH_SIZE, within what the backend can take.
 
     TensorRT's optimization profile ends at the export's max batch. A CPU backend running several streams
@@ -150,7 +150,7 @@ def classify_max_batch(settings: Settings, backend: Backend, served: ServedModel
     return max_batch
 
 
-async def _start_runtime(state: ServiceState, served: ServedModel, backend: Backend, reason: str) -> Runtime:
+async def _start_runtime(state: ServiceState, served: ServedArtifacts, backend: Backend, reason: str) -> Runtime:
     """Warm the backend up on the classify batcher's worker, then start both batchers."""
     settings, metrics = state.settings, state.metrics
     max_batch = classify_max_batch(settings, backend, served)

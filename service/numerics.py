@@ -22,7 +22,7 @@ import numpy as np
 
 from model import Preprocessing
 
-from .artifacts import ServedModel
+from .artifacts import ServedArtifacts
 from .backends import Backend, OnnxRuntimeBackend, precision_of
 from .metrics import Metrics
 
@@ -90,7 +90,7 @@ class NonFiniteGuard:
         self._counter = metrics.nonfinite
 
     @classmethod
-    def with_onnxruntime_fp32(cls, backend: Backend, served: ServedModel, threads: int, metrics: Metrics):
+    def with_onnxruntime_fp32(cls, backend: Backend, served: ServedArtifacts, threads: int, metrics: Metrics):
         """The guard whose fp32 twin is an ONNX Runtime CPU session of the served model.onnx."""
         return cls(backend, partial(OnnxRuntimeBackend, served, gpu=False, threads=threads, streams=1), metrics)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from support.checkpoints import DEMO_CHECKPOINT, FASHION_CLASSES, tiny_model
+from support.checkpoints import DEMO_CHECKPOINT, FASHION_CLASSES, exported, tiny_model
 
 from export.source import load_source
 from model import ViTAE
@@ -26,6 +26,12 @@ def tiny_rgb_checkpoint(tmp_path_factory) -> Path:
     model = tiny_model(in_chans=3, num_classes=5, seed=1)
     meta = checkpoint_metadata(model, variant="vitae_fmnist", class_names=[f"class_{i}" for i in range(5)])
     return save_checkpoint(model, tmp_path_factory.mktemp("ckpt_rgb") / "tiny_rgb", meta)
+
+
+@pytest.fixture(scope="session")
+def artifacts(tiny_checkpoint) -> Path:
+    """The export stage's artifacts of the grayscale tiny checkpoint, built once per session (read-only)."""
+    return exported(tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")

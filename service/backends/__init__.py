@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..artifacts import ServedModel
+from ..artifacts import ServedArtifacts
 from .base import Backend, BackendUnavailable, cuda_device_count, gpu_index, wants_gpu
 from .onnxruntime_backend import OnnxRuntimeBackend, session_device
 from .openvino_backend import OpenVINOBackend, PrecisionRefused
@@ -61,7 +61,7 @@ class Selection:
 
 def create_backend(
     name: str,
-    served: ServedModel,
+    served: ServedArtifacts,
     device: str,
     threads: int = 0,
     cpu_precision: str = "auto",
@@ -97,7 +97,7 @@ def create_backend(
 
 def select_backend(
     requested: str,
-    served: ServedModel,
+    served: ServedArtifacts,
     device: str = "auto",
     threads: int = 0,
     cpu_precision: str = "auto",

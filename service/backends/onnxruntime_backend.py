@@ -9,7 +9,7 @@ import numpy as np
 
 from export.artifacts import INPUT_NAME, OUTPUT_NAMES
 
-from ..artifacts import ServedModel
+from ..artifacts import ServedArtifacts
 from .base import BackendUnavailable, gpu_index
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
     precision = "fp32"
 
-    def __init__(self, served: ServedModel, *, gpu: bool, device: str = "cpu", threads: int = 0, streams: int = 0):
+    def __init__(self, served: ServedArtifacts, *, gpu: bool, device: str = "cpu", threads: int = 0, streams: int = 0):
         import onnxruntime as ort
 
         available = ort.get_available_providers()

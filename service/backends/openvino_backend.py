@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..artifacts import ServedModel
+from ..artifacts import ServedArtifacts
 from .base import BackendUnavailable
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class OpenVINOBackend:
 
     def __init__(
         self,
-        served: ServedModel,
+        served: ServedArtifacts,
         *,
         precision: str = "auto",
         threads: int = 0,

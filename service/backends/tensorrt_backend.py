@@ -7,7 +7,7 @@ import numpy as np
 from export.artifacts import INPUT_NAME, LOGITS, OUTPUT_NAMES, TOKENS
 from export.engine.machine import plan_fits
 
-from ..artifacts import ServedModel
+from ..artifacts import ServedArtifacts
 from .base import BackendUnavailable, gpu_index
 
 
@@ -21,7 +21,7 @@ class TensorRTBackend:
     name = "tensorrt"
     streams = 1  # one batch at a time
 
-    def __init__(self, served: ServedModel, device: str = "cuda") -> None:
+    def __init__(self, served: ServedArtifacts, device: str = "cuda") -> None:
         try:
             import tensorrt  # noqa: F401  (only to say clearly when it is missing)
             import torch

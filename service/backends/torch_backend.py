@@ -19,7 +19,7 @@ import numpy as np
 
 from export.artifacts import LOGITS, TOKENS
 
-from ..artifacts import ServedModel
+from ..artifacts import ServedArtifacts
 from .base import BackendUnavailable
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class TorchBackend:
 
     def __init__(
         self,
-        served: ServedModel,
+        served: ServedArtifacts,
         device: str = "cpu",
         threads: int = 0,
         precision: str = "auto",
@@ -63,7 +63,7 @@ class TorchBackend:
         if self.device.startswith("cuda"):
             self._cuda_fast_path(served, precision, graphs, max_batch)
 
-    def _cuda_fast_path(self, served: ServedModel, precision: str, graphs: bool, max_batch: int) -> None:
+    def _cuda_fast_path(self, served: ServedArtifacts, precision: str, graphs: bool, max_batch: int) -> None:
         from export.inputs import model_inputs
 
         from .torch_cuda import GATE_IMAGES, GraphRunner, choose_precision

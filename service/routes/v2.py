@@ -23,7 +23,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import v2
-from ..artifacts import ServedModel
+from ..artifacts import ServedArtifacts
 from ..dependencies import ApiKeyDep, RuntimeDep, StateDep
 from ..dispatch import Options, infer, within_deadline
 from ..lifecycle import ServiceState, Status
@@ -61,7 +61,7 @@ router = APIRouter(prefix="/v2", tags=["v2"], route_class=ProtocolRoute)
 # ---------------------------------------------------------------- dependencies
 
 
-async def get_model(request: Request, runtime: RuntimeDep, name: str) -> ServedModel:
+async def get_model(request: Request, runtime: RuntimeDep, name: str) -> ServedArtifacts:
     """The served model when the path names it (and its version, if the path has one); else 404."""
     served = runtime.served
     version = request.path_params.get("version")
@@ -74,7 +74,7 @@ async def get_model(request: Request, runtime: RuntimeDep, name: str) -> ServedM
     return served
 
 
-ModelDep = Annotated[ServedModel, Depends(get_model)]
+ModelDep = Annotated[ServedArtifacts, Depends(get_model)]
 
 
 def both_paths(method: Callable, path: str, **kwargs: Any) -> Callable:

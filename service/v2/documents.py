@@ -8,7 +8,7 @@ from typing import Any
 
 from export.artifacts import INPUT_NAME, LOGITS, TOKENS
 
-from ..artifacts import ServedModel
+from ..artifacts import ServedArtifacts
 from .errors import ProtocolError
 from .tensors import TRITON_CONFIG_TYPES
 
@@ -70,7 +70,7 @@ def _find(
     raise ProtocolError(f"unknown {kind} '{name}'; this model {verb} {accepted}")
 
 
-def signature(served: ServedModel, *, cam: bool) -> Signature:
+def signature(served: ServedArtifacts, *, cam: bool) -> Signature:
     """The served model's v2 tensors; `cam` says whether this runtime can give CAMs."""
     prep = served.preprocessing
     tokens = served.metadata.tensor_shape(TOKENS)
@@ -88,7 +88,7 @@ def signature(served: ServedModel, *, cam: bool) -> Signature:
     )
 
 
-def model_metadata(served: ServedModel, sig: Signature, platform: str) -> dict[str, Any]:
+def model_metadata(served: ServedArtifacts, sig: Signature, platform: str) -> dict[str, Any]:
     """The protocol's model metadata object, with the input and output rules in `parameters`."""
     return {
         "name": served.name,
@@ -106,7 +106,7 @@ def model_metadata(served: ServedModel, sig: Signature, platform: str) -> dict[s
 
 
 def model_config(
-    served: ServedModel,
+    served: ServedArtifacts,
     sig: Signature,
     *,
     backend: str,

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from fastapi import HTTPException
 
-from ..artifacts import ServedModel
+from ..artifacts import ServedArtifacts
 from ..classify_flow import prepare_all, resolve_cam_layer
 from ..dispatch import Answer
 from ..inference import PreparedImage
@@ -44,7 +44,7 @@ def cam_available(runtime: Runtime) -> bool:
     return True
 
 
-def check_outputs(wanted: list[RequestedOutput], sig: Signature, served: ServedModel) -> None:
+def check_outputs(wanted: list[RequestedOutput], sig: Signature, served: ServedArtifacts) -> None:
     """Each output asked for once, known to the model, and classification only on logits within 1..K."""
     names = [out.name for out in wanted]
     if len(set(names)) != len(names):
@@ -59,7 +59,7 @@ def check_outputs(wanted: list[RequestedOutput], sig: Signature, served: ServedM
             )
 
 
-def cam_target(parameters: dict[str, Any], served: ServedModel, runtime: Runtime) -> tuple[int | None, int | None]:
+def cam_target(parameters: dict[str, Any], served: ServedArtifacts, runtime: Runtime) -> tuple[int | None, int | None]:
     """(class to explain or None for top-1, autograd cell or None for the backend's exact last-cell CAM)."""
     value = parameters.get("cam_class")
     if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
@@ -72,7 +72,7 @@ def cam_target(parameters: dict[str, Any], served: ServedModel, runtime: Runtime
 
 
 async def model_inputs(
-    inputs: list[Tensor], sig: Signature, state: ServiceState, served: ServedModel
+    inputs: list[Tensor], sig: Signature, state: ServiceState, served: ServedArtifacts
 ) -> list[PreparedImage]:
     """The request's one input -> preprocessed images, one per batch entry."""
     for tensor in inputs:
@@ -115,7 +115,7 @@ def from_base64(text: bytes, index: int) -> bytes:
         ) from None
 
 
-def output_tensor(out: RequestedOutput, answers: list[Answer], served: ServedModel) -> Tensor:
+def output_tensor(out: RequestedOutput, answers: list[Answer], served: ServedArtifacts) -> Tensor:
     """One requested output over the batch's answers."""
     if out.name == LOGITS:
         logits = np.stack([a.outcome.result.logits for a in answers])  # (B, K)

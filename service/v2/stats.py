@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
-from ..artifacts import ServedModel
+from ..artifacts import ServedArtifacts
 
 
-def model_stats(registry: CollectorRegistry, served: ServedModel) -> dict:
+def model_stats(registry: CollectorRegistry, served: ServedArtifacts) -> dict:
     """Triton's per-model statistics from the classify batcher's Prometheus samples (all routes together)."""
 
     def sample(name: str) -> float:

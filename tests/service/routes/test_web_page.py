@@ -42,11 +42,6 @@ TIMEOUT_MS = 60_000  # generous: the machine running the tests may be busy
 
 
 @pytest.fixture(scope="module")
-def artifacts(tiny_checkpoint):
-    return exported(tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
 def demo_artifacts(tmp_path_factory) -> Path:
     """The shipped demo model, exported into a temporary folder (its labels make the page's answers checkable)."""
     if not DEMO_CHECKPOINT.is_file():

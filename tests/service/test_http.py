@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from support.checkpoints import exported
 from support.images import drawn_image, encode, sample_images
 from support.server import metric, running, serving, settings_for, wait_ready
 
@@ -24,11 +23,6 @@ from model.checkpoint import load_checkpoint
 from model.preprocess import decode_image, preprocess, resize_size
 
 FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-
-
-@pytest.fixture(scope="module")
-def artifacts(tiny_checkpoint):
-    return exported(tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")

@@ -9,15 +9,13 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
-from support.checkpoints import exported
+from support.checkpoints import ROOT, exported
+from support.gated import wait_for
 from support.images import sample_images
 from support.server import free_port, metric
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
@@ -63,8 +61,8 @@ def test_sigterm_serves_through_the_grace_then_drains_queued_requests_and_exits(
         senders = [threading.Thread(target=send, args=(i,)) for i in range(len(images))]
         for sender in senders[:8]:
             sender.start()
-        while metric(httpx.get(f"{url}/metrics").text, "vitae_queue_depth", model="classify") < 8:
-            time.sleep(0.01)
+        queued = lambda: metric(httpx.get(f"{url}/metrics").text, "vitae_queue_depth", model="classify") >= 8  # noqa: E731
+        wait_for(queued, "8 images queued behind the long batch delay")
 
         process.send_signal(signal.SIGTERM)
         signalled = time.monotonic()

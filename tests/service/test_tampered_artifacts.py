@@ -13,15 +13,9 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
-from support.checkpoints import exported
 from support.server import serving
 
 from export.artifacts import ArtifactsMetadata
-
-
-@pytest.fixture(scope="module")
-def artifacts(tiny_checkpoint):
-    return exported(tiny_checkpoint)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from support.server import running, settings_for
 from export.precision import MAX_RELATIVE_DIFF, cpu_flags, cpu_kind, native_bf16, this_cpu_has_native_bf16
 from model.preprocess import decode_image, preprocess
 from service import create_app
-from service.artifacts import ServedModel, read_artifacts
+from service.artifacts import ServedArtifacts, read_artifacts
 from service.backends import OnnxRuntimeBackend, create_backend, select_backend
 from service.backends.openvino_backend import OpenVINOBackend, PrecisionRefused, choose_cpu_precision
 from service.postprocess import last_cell_cam, normalize_cam
@@ -43,7 +43,7 @@ BF16_MIN_RELATIVE_DIFFERENCE = 1e-3
 
 
 @pytest.fixture(scope="module", params=["gray", "rgb"])
-def served(request, tiny_checkpoint, tiny_rgb_checkpoint) -> ServedModel:
+def served(request, tiny_checkpoint, tiny_rgb_checkpoint) -> ServedArtifacts:
     checkpoint = tiny_checkpoint if request.param == "gray" else tiny_rgb_checkpoint
     return read_artifacts(exported(checkpoint))
 
@@ -59,7 +59,7 @@ def reference(served, images) -> tuple[np.ndarray, np.ndarray]:
     return OnnxRuntimeBackend(served, gpu=False, threads=1).infer(images)
 
 
-def measured_safe(served: ServedModel) -> ServedModel:
+def measured_safe(served: ServedArtifacts) -> ServedArtifacts:
     """The same artifacts with an export verdict of "bf16 safe", as a model whose check passed records it.
 
     The tiny random models cannot earn that verdict on Fashion-MNIST (their classes are near-ties), and
@@ -68,7 +68,7 @@ def measured_safe(served: ServedModel) -> ServedModel:
     return dataclasses.replace(served, metadata=dataclasses.replace(served.metadata, cpu_bf16=SAFE))
 
 
-def bf16_unsound_here(served: ServedModel) -> str | None:
+def bf16_unsound_here(served: ServedArtifacts) -> str | None:
     """Why the export found this model's bf16 arithmetic unsound on this CPU (outputs non-finite, or further from
     fp32 than MAX_RELATIVE_DIFF of their scale), or None. The agreement gate, which the tiny random models fail
     on near-ties, is not part of it."""
@@ -77,7 +77,7 @@ def bf16_unsound_here(served: ServedModel) -> str | None:
     return report["reason"] if relative is None or relative > MAX_RELATIVE_DIFF else None
 
 
-def skip_where_bf16_is_unsound(served: ServedModel) -> None:
+def skip_where_bf16_is_unsound(served: ServedArtifacts) -> None:
     if why := bf16_unsound_here(served):
         pytest.skip(
             f"the export measured bf16 unsound for this model on this CPU ({why}); it is not served: "
@@ -85,7 +85,7 @@ def skip_where_bf16_is_unsound(served: ServedModel) -> None:
         )
 
 
-def cam_maps(tokens: np.ndarray, served: ServedModel, targets: np.ndarray) -> np.ndarray:
+def cam_maps(tokens: np.ndarray, served: ServedArtifacts, targets: np.ndarray) -> np.ndarray:
     return normalize_cam(last_cell_cam(tokens, served.head_weight, targets, served.grid))  # (B, h, w)
 
 

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from service.batcher import Batcher, BatchFailedError, DeadlineExceeded, QueueFullError, ShuttingDownError
+from service.batcher import Batcher
+from service.jobs import BatchFailedError, DeadlineExceeded, QueueFullError, ShuttingDownError
 from service.metrics import Metrics
 
 

@@ -130,7 +130,7 @@ def test_no_artifacts_and_no_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_a_refused_tensorrt_plan_leaves_an_onnx_export_that_later_starts_keep(tiny_checkpoint, tmp_path, monkeypatch):
-    """The engine check itself needs a GPU (tests/test_export_gpu.py); here the refusal is raised where the
+    """The engine check itself needs a GPU (tests/export/test_engine_gpu.py); here the refusal is raised where the
     TensorRT step would raise it, and the service's real export then runs again without a plan."""
     import export
     from export.engine.parity import EngineParityError

@@ -5,14 +5,14 @@ from __future__ import annotations
 import base64
 import json
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-from support.checkpoints import FASHION_CLASSES, exported
+from support.checkpoints import FASHION_CLASSES
+from support.gated import GatedBackend, wait_for
 from support.images import drawn_image, encode, sample_images
 from support.optional import DEV_ONLY
 from support.server import metric, serving
@@ -24,11 +24,6 @@ triton = pytest.importorskip("tritonclient.http", reason=f"tritonclient is {DEV_
 InferenceServerException = pytest.importorskip("tritonclient.utils").InferenceServerException
 
 MODEL = "vitae_fmnist"
-
-
-@pytest.fixture(scope="module")
-def artifacts(tiny_checkpoint):
-    return exported(tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -354,23 +349,36 @@ def test_api_key_401_and_body_limit_413_answer_the_protocols_error_body(artifact
 
 
 def test_queue_full_is_503_and_a_deadline_is_504_in_the_protocols_error_body(artifacts):
-    # Generous times on a busy machine: the first job's batch is due at 5 s, its deadline is 3 s.
-    settings = dict(queue_capacity=1, max_batch_size=8, max_delay_ms=5000, request_timeout_s=3.0)
+    # Gated on events, not timing: the first request holds the backend, the second waits in the one-place queue
+    # until the 1 s deadline passes there (however slow the machine), the third finds the queue full.
+    backend = GatedBackend(artifacts)
     body = {"inputs": [{"name": "images", "shape": [1, 1, 32, 32], "datatype": "FP32", "data": [0.0] * 1024}]}
-    with serving(artifacts, **settings) as base:
+    with serving(artifacts, backend, queue_capacity=1, max_batch_size=1, request_timeout_s=1.0) as base:
         endpoint = f"{base}/v2/models/{MODEL}/infer"
-        first: dict = {}
-        waiting = threading.Thread(target=lambda: first.update(response=httpx.post(endpoint, json=body, timeout=30)))
-        waiting.start()
-        deadline = time.monotonic() + 5
-        while metric(httpx.get(f"{base}/metrics").text, "vitae_queue_depth", model="classify") < 1:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        answers: dict = {}
+        backend.gate.clear()  # after the warm-up, which runs through the backend too
+
+        def send(name: str) -> None:
+            answers[name] = httpx.post(endpoint, json=body, timeout=60)
+
+        held = threading.Thread(target=send, args=("held",))
+        held.start()
+        wait_for(lambda: backend.waiting == 1, "the first request at the backend's gate")
+        queued = threading.Thread(target=send, args=("queued",))
+        queued.start()
+        wait_for(lambda: queue_depth(base) == 1, "the second request in the queue")
         full = httpx.post(endpoint, json=body)
         assert full.status_code == 503 and int(full.headers["retry-after"]) >= 1
         assert "full" in full.json()["error"]
-        waiting.join()
-        assert first["response"].status_code == 504 and "deadline" in first["response"].json()["error"]
+        queued.join(60)
+        assert answers["queued"].status_code == 504 and "deadline" in answers["queued"].json()["error"]
+        backend.gate.set()  # the held request's deadline passed at the gate, before the queued one's
+        held.join(60)
+        assert answers["held"].status_code == 504
+
+
+def queue_depth(base: str) -> float:
+    return metric(httpx.get(f"{base}/metrics").text, "vitae_queue_depth", model="classify")
 
 
 # ------------------------------------------------------------------ shared traffic

@@ -11,7 +11,6 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from support.checkpoints import exported
 from support.images import encode, sample_images
 from support.server import metric, serving
 
@@ -42,11 +41,6 @@ class FlatImagesOverflow:
 
     def close(self) -> None:
         self.real.close()
-
-
-@pytest.fixture(scope="module")
-def artifacts(tiny_checkpoint):
-    return exported(tiny_checkpoint)
 
 
 def classify(url: str, *images: bytes) -> httpx.Response:

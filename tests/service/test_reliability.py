@@ -18,41 +18,12 @@ import time
 import httpx
 import pytest
 from PIL import Image
-from support.checkpoints import exported
+from support.gated import GatedBackend, wait_for
 from support.images import encode, sample_images
 from support.raw_http import host_port, multipart
 from support.server import metric, running, serving, settings_for
 
 from service import create_app
-from service.artifacts import read_artifacts
-from service.backends import OnnxRuntimeBackend
-
-
-class GatedBackend:
-    """The real ONNX Runtime backend; while the gate is closed, batches wait in `infer` (the device is 'busy')."""
-
-    def __init__(self, artifacts) -> None:
-        self.real = OnnxRuntimeBackend(read_artifacts(artifacts), gpu=False, threads=1)
-        self.name, self.device = self.real.name, self.real.device
-        self.gate = threading.Event()
-        self.gate.set()
-        self.waiting = 0  # images held at the gate right now
-
-    def infer(self, images):
-        self.waiting += len(images)
-        try:
-            assert self.gate.wait(120), "the test never opened the gate"
-        finally:
-            self.waiting -= len(images)
-        return self.real.infer(images)
-
-    def close(self) -> None:
-        self.real.close()
-
-
-@pytest.fixture(scope="module")
-def artifacts(tiny_checkpoint):
-    return exported(tiny_checkpoint)
 
 
 def metrics(url: str) -> str:
@@ -61,13 +32,6 @@ def metrics(url: str) -> str:
 
 def classify_count(url: str, status: int) -> float:
     return metric(metrics(url), "vitae_requests_total", route="/classify", method="POST", status=str(status))
-
-
-def wait_for(condition, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def post(url: str, image: bytes, **params) -> httpx.Response:
