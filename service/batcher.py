@@ -1,19 +1,22 @@
-"""Dynamic batching: one asyncio queue in, batches out to `workers` worker threads, one answer per job.
+"""Dynamic batching: one priority queue in, batches out to `workers` worker threads, one answer per job.
 
-A batch is flushed when it holds `max_batch_size` jobs or when its oldest job has waited
-`max_delay_s`. Up to `workers` batches are computed at once (a backend with several inference streams,
-e.g. OpenVINO's CPU streams); the next batch starts filling only when a worker is free, so jobs that
-arrive while every worker is busy wait in the queue and leave together. Every submitted job's future is
-resolved exactly once: with an Outcome, with the batch's failure, with DeadlineExceeded, or cancelled by its
-caller (then it is never computed).
+A batch is flushed when it holds `max_batch_size` jobs or when its first job has waited
+`max_delay_s`. Batches fill highest priority first, first come first served within a level
+(`service.job_queue`); a full queue sheds its least urgent job for a more urgent one. Up to `workers` batches
+are computed at once (a backend with several inference streams, e.g. OpenVINO's CPU streams); the next batch
+starts filling only when a worker is free, so jobs that arrive while every worker is busy wait in the queue and
+leave together. Every submitted job's future is resolved exactly once: with an Outcome, with the batch's
+failure, with DeadlineExceeded, with QueueFullError when shed, or cancelled by its caller (then it is never
+computed).
 Nothing here knows about HTTP, images or models: `run_batch` is any function list -> list.
 
 The path of one image through a batcher:
-  1. submit      the route queues a Job (payload, future, deadline); refused at once when the queue is
-                 full (QueueFullError) or closing (ShuttingDownError)
-  2. wait        once a worker is free, the loop takes the oldest job and waits up to `max_delay_s` from
-                 its submission for more, until `max_batch_size` jobs; cancelled or expired jobs leave
-                 uncomputed
+  1. submit      the route queues a Job (payload, future, deadline, priority); refused at once when the
+                 queue is full of jobs at least as urgent (QueueFullError; otherwise the newest of the
+                 least urgent is shed with QueueFullError) or closing (ShuttingDownError)
+  2. wait        once a worker is free, the loop takes the most urgent, oldest job and waits up to
+                 `max_delay_s` from its submission for more, until `max_batch_size` jobs; cancelled or
+                 expired jobs leave uncomputed
   3. dispatch    the live jobs of the batch go to `run_batch` on a worker thread, in one call
   4. resolve     each future gets its Outcome (result, queue and inference times, batch size), or the
                  batch's BatchFailedError
@@ -30,15 +33,14 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
-from .jobs import BatchFailedError, DeadlineExceeded, Job, Outcome, QueueFullError, ShuttingDownError
+from .job_queue import JobQueue
+from .jobs import BatchFailedError, DeadlineExceeded, Job, Outcome, Priority, QueueFullError, ShuttingDownError
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 P = TypeVar("P")
 R = TypeVar("R")
-
-_STOP = object()
 
 
 class Batcher(Generic[P, R]):
@@ -70,7 +72,8 @@ class Batcher(Generic[P, R]):
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"vitae-{name}")
         self._free = asyncio.Semaphore(workers)  # workers not computing a batch
         self._in_flight: set[asyncio.Task] = set()
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._queue = JobQueue()
+        self._arrived = asyncio.Event()  # set when a job is queued or closing begins
         self._pending = 0  # submitted jobs not yet dispatched nor left
         self._closing = False
         self._task: asyncio.Task | None = None
@@ -93,31 +96,43 @@ class Batcher(Generic[P, R]):
         """Run a call on a worker thread (warm-up, one-off work) beside the batches."""
         return asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    def submit(self, payload: P, *, timeout_s: float) -> Job[P]:
-        """Queue one job; await `job.future`. Raises QueueFullError or ShuttingDownError at once."""
+    def submit(self, payload: P, *, timeout_s: float, priority: Priority = Priority.NORMAL) -> Job[P]:
+        """Queue one job; await `job.future`. Raises QueueFullError or ShuttingDownError at once.
+
+        When the queue is full, a job sheds the newest queued job of the lowest level below its own (that
+        job's future gets QueueFullError); with none below it, it is refused itself.
+        """
         if not self.accepting:
             raise ShuttingDownError("the service is shutting down and takes no new requests")
         if self._pending >= self.capacity:
-            batches_ahead = (self._pending / self.max_batch_size + 1) / self.workers
-            raise QueueFullError(self.capacity, max(1, round(batches_ahead * self._batch_time_s + 0.5)))
+            victim = self._queue.victim_for(priority)
+            if victim is None:
+                raise QueueFullError(self.capacity, self._retry_after_s())
+            self._leave(victim, "shed")
+            victim.future.set_exception(QueueFullError(self.capacity, self._retry_after_s(), shed=True))
         loop = asyncio.get_running_loop()
-        job = Job(payload, loop.create_future(), deadline=time.monotonic() + timeout_s)
+        job = Job(payload, loop.create_future(), deadline=time.monotonic() + timeout_s, priority=priority)
         job.future.add_done_callback(lambda _: self._leave(job, "cancelled"))
         self._pending += 1
         self._set_depth()
-        self._queue.put_nowait(job)
+        self._queue.push(job)
+        self._arrived.set()
         return job
 
     async def close(self) -> None:
         """Stop taking jobs, run every job already queued, then stop the loop and the worker thread."""
         self._closing = True
+        self._arrived.set()
         if self._task is not None:
-            self._queue.put_nowait(_STOP)
             try:
                 await self._task
             finally:
                 self._task = None
         self.executor.shutdown(wait=True)
+
+    def _retry_after_s(self) -> int:
+        batches_ahead = (self._pending / self.max_batch_size + 1) / self.workers
+        return max(1, round(batches_ahead * self._batch_time_s + 0.5))
 
     def _set_depth(self) -> None:
         if self.metrics:
@@ -146,38 +161,42 @@ class Batcher(Generic[P, R]):
             return False
         return True
 
+    async def _next_job(self, until: float | None) -> Job | None:
+        """The next live job, waiting until loop time `until` (None: no limit); None when none came or closing."""
+        loop = asyncio.get_running_loop()
+        while True:
+            job = self._queue.pop()
+            if job is not None:
+                if self._alive(job):
+                    return job
+                continue
+            remaining = None if until is None else until - loop.time()
+            if self._closing or (remaining is not None and remaining <= 0):
+                return None
+            self._arrived.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._arrived.wait()
+            except TimeoutError:
+                return None
+
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
-        stopping = False
         try:
-            while not stopping:
+            while True:
                 await self._free.acquire()  # the batch fills only once a worker can take it
-                item = await self._queue.get()
-                if item is _STOP:
+                first = await self._next_job(None)
+                if first is None:  # closing, and every queued job has been taken
                     self._free.release()
                     break
-                if not self._alive(item):
-                    self._free.release()
-                    continue
-                batch = [item]
-                # The flush time is anchored at the oldest job's submission, not at when we got to it.
-                flush_at = loop.time() + max(0.0, self.max_delay_s - (time.monotonic() - item.submitted_at))
+                batch = [first]
+                # The flush time is anchored at the first job's submission, not at when we got to it.
+                flush_at = loop.time() + max(0.0, self.max_delay_s - (time.monotonic() - first.submitted_at))
                 while len(batch) < self.max_batch_size:
-                    if self._queue.empty():
-                        remaining = 0.0 if self._closing else flush_at - loop.time()
-                        if remaining <= 0:
-                            break
-                        try:
-                            item = await asyncio.wait_for(self._queue.get(), remaining)
-                        except TimeoutError:
-                            break
-                    else:
-                        item = self._queue.get_nowait()
-                    if item is _STOP:
-                        stopping = True
+                    job = await self._next_job(flush_at)
+                    if job is None:
                         break
-                    if self._alive(item):
-                        batch.append(item)
+                    batch.append(job)
                 task = loop.create_task(self._execute(batch), name=f"batch-{self.name}")
                 self._in_flight.add(task)
                 task.add_done_callback(self._finished)

@@ -9,17 +9,29 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import Generic, TypeVar
 
 P = TypeVar("P")
 R = TypeVar("R")
 
 
-class QueueFullError(RuntimeError):
-    """The queue holds `capacity` jobs; the caller should retry after `retry_after_s`."""
+class Priority(IntEnum):
+    """A request's urgency: batches fill from the highest level down, first come first served within a level."""
 
-    def __init__(self, capacity: int, retry_after_s: int) -> None:
-        super().__init__(f"the inference queue is full ({capacity} images waiting); retry in {retry_after_s} s")
+    LOW = 0
+    NORMAL = 1
+    HIGH = 2
+
+
+class QueueFullError(RuntimeError):
+    """The queue holds `capacity` jobs (or this job was shed for a more urgent one); retry after `retry_after_s`."""
+
+    def __init__(self, capacity: int, retry_after_s: int, *, shed: bool = False) -> None:
+        reason = "a more urgent request took this one's place in" if shed else "no room is left in"
+        super().__init__(
+            f"the inference queue is full ({capacity} images waiting; {reason} it); retry in {retry_after_s} s"
+        )
         self.retry_after_s = retry_after_s
 
 
@@ -48,5 +60,6 @@ class Job(Generic[P]):
     payload: P
     future: asyncio.Future
     deadline: float  # time.monotonic() seconds
+    priority: Priority = Priority.NORMAL
     submitted_at: float = field(default_factory=time.monotonic)
     state: str = "queued"  # queued (also while its batch fills) -> dispatched | left
