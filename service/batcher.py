@@ -34,7 +34,16 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
 from .job_queue import JobQueue
-from .jobs import BatchFailedError, DeadlineExceeded, Job, Outcome, Priority, QueueFullError, ShuttingDownError
+from .jobs import (
+    BatchFailedError,
+    BatchObserver,
+    DeadlineExceeded,
+    Job,
+    Outcome,
+    Priority,
+    QueueFullError,
+    ShuttingDownError,
+)
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -59,6 +68,7 @@ class Batcher(Generic[P, R]):
         name: str = "model",
         metrics: Metrics | None = None,
         workers: int = 1,
+        observer: BatchObserver | None = None,
     ) -> None:
         if max_batch_size < 1 or capacity < 1 or workers < 1 or max_delay_s < 0:
             raise ValueError("max_batch_size, capacity and workers must be >= 1 and max_delay_s >= 0")
@@ -69,6 +79,7 @@ class Batcher(Generic[P, R]):
         self.name = name
         self.metrics = metrics
         self.workers = workers
+        self.observer = observer or BatchObserver()  # tracing's, or one that does nothing
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"vitae-{name}")
         self._free = asyncio.Semaphore(workers)  # workers not computing a batch
         self._in_flight: set[asyncio.Task] = set()
@@ -113,6 +124,7 @@ class Batcher(Generic[P, R]):
         loop = asyncio.get_running_loop()
         job = Job(payload, loop.create_future(), deadline=time.monotonic() + timeout_s, priority=priority)
         job.future.add_done_callback(lambda _: self._leave(job, "cancelled"))
+        self.observer.submitted(job)
         self._pending += 1
         self._set_depth()
         self._queue.push(job)
@@ -230,6 +242,7 @@ class Batcher(Generic[P, R]):
             log.exception("batch of %d failed in %s", len(live), self.name)
             if self.metrics:
                 self.metrics.batch_failures.labels(self.name).inc()
+            self.observer.finished(live, dispatched, exc)
             for job in live:
                 if not job.future.done():
                     job.future.set_exception(BatchFailedError(f"inference failed for this batch: {exc}"))
@@ -238,6 +251,7 @@ class Batcher(Generic[P, R]):
         self._batch_time_s = 0.8 * self._batch_time_s + 0.2 * elapsed
         if self.metrics:
             self.metrics.inference.labels(self.name).observe(elapsed)
+        self.observer.finished(live, dispatched, None)
         for job, result in zip(live, results, strict=True):
             if not job.future.done():
                 job.future.set_result(Outcome(result, dispatched - job.submitted_at, elapsed, len(live)))

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 P = TypeVar("P")
 R = TypeVar("R")
@@ -63,3 +64,15 @@ class Job(Generic[P]):
     priority: Priority = Priority.NORMAL
     submitted_at: float = field(default_factory=time.monotonic)
     state: str = "queued"  # queued (also while its batch fills) -> dispatched | left
+    context: Any = None  # the submitter's trace context, kept here by the batcher's observer (service.batch_spans)
+
+
+class BatchObserver:
+    """Told of each job's submission (on the submitter's task) and of each batch once it has run; this one does
+    nothing (service.batch_spans' traces the batches)."""
+
+    def submitted(self, job: Job) -> None:
+        """On the submitter's task, as the job is queued."""
+
+    def finished(self, jobs: Sequence[Job], dispatched: float, error: BaseException | None) -> None:
+        """On the event loop once the batch of `jobs`, dispatched at time.monotonic() `dispatched`, has run."""

@@ -52,6 +52,12 @@ class Metrics:
             registry=r,
         )
         self.backend = Gauge("vitae_backend_info", "The backend in use (value 1)", ["backend", "device"], registry=r)
+        self.spans_dropped = Counter(
+            "vitae_trace_spans_dropped",
+            "Trace spans that never reached the collector, by reason: queue_full or export_failed",
+            ["reason"],
+            registry=r,
+        )
         self.ready = Gauge("vitae_ready", "1 once the model is loaded and warmed up", registry=r)
 
     def exposition(self) -> bytes:
