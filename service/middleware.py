@@ -10,9 +10,12 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import logs
 from .metrics import Metrics
+from .tracing import Tracing, end_server_span
 
 log = logging.getLogger("service")
+request_log = logging.getLogger("service.requests")
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away before the answer
 
@@ -32,17 +35,21 @@ class BodyTimeout(Exception):
         super().__init__(f"the request body did not arrive within {timeout_s:g} s (VITAE_BODY_TIMEOUT_S)")
 
 
+def protocol_key(path: str) -> str:
+    """The error body's key: "error" under /v2 (KServe v2), else "detail"."""
+    return "error" if path == "/v2" or path.startswith("/v2/") else "detail"
+
+
 def too_large_response(limit: int, path: str = "") -> JSONResponse:
     """413 in the error body of the route's protocol: {"error": ...} under /v2 (KServe v2), else {"detail": ...}."""
-    key = "error" if path == "/v2" or path.startswith("/v2/") else "detail"
     # Connection: close, so the server drops the rest of an upload instead of reading it for keep-alive.
-    return JSONResponse({key: str(BodyTooLarge(limit))}, status_code=413, headers={"Connection": "close"})
+    body = {protocol_key(path): str(BodyTooLarge(limit))}
+    return JSONResponse(body, status_code=413, headers={"Connection": "close"})
 
 
 def body_timeout_response(exc: BodyTimeout, path: str = "") -> JSONResponse:
     """408 in the error body of the route's protocol, like too_large_response."""
-    key = "error" if path == "/v2" or path.startswith("/v2/") else "detail"
-    return JSONResponse({key: str(exc)}, status_code=408, headers={"Connection": "close"})
+    return JSONResponse({protocol_key(path): str(exc)}, status_code=408, headers={"Connection": "close"})
 
 
 class BodyLimitMiddleware:
@@ -124,3 +131,55 @@ class MetricsMiddleware:
             route = getattr(scope.get("route"), "path", "unmatched")
             self.metrics.requests.labels(route, scope["method"], str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+
+class RequestContextMiddleware:
+    """The outermost layer: the request's id, its server span and its one log line.
+
+    The id is the client's valid X-Request-ID or a new one (service.logs); it is on every answer, errors
+    included, and on every log line written while the request runs, with the trace id when tracing is on. An
+    error nothing else answered is answered here (500, naming the id) and logged with its traceback.
+    """
+
+    def __init__(self, app: ASGIApp, tracing: Tracing) -> None:
+        self.app = app
+        self.tracing = tracing
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        info = logs.RequestInfo(logs.request_id(scope["headers"]))
+        id_header = (b"x-request-id", info.request_id.encode())
+        started = time.perf_counter()
+        status = 0
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), id_header]}
+            await send(message)
+
+        with self.tracing.server_span(scope) as span, logs.request_context(info):
+            if span.get_span_context().is_valid:
+                info.trace_id = format(span.get_span_context().trace_id, "032x")
+            try:
+                await self.app(scope, receive, send_with_id)
+            except Exception as exc:
+                info.error_kind = info.error_kind or type(exc).__name__
+                log.exception("%s %s failed", scope["method"], scope["path"])
+                if status:
+                    raise  # the answer had begun: only the connection can end it now
+                detail = f"internal error ({type(exc).__name__}); request id {info.request_id}"
+                await JSONResponse({protocol_key(scope["path"]): detail}, 500)(scope, receive, send_with_id)
+            finally:
+                status = status or CLIENT_CLOSED_REQUEST  # no answer: the client left first
+                end_server_span(span, getattr(scope.get("route"), "path", None), status, info.error_kind)
+                self._log(scope, status, time.perf_counter() - started)
+
+    @staticmethod
+    def _log(scope: Scope, status: int, elapsed_s: float) -> None:
+        duration_ms = round(elapsed_s * 1000, 3)
+        fields = {"method": scope["method"], "path": scope["path"], "status": status, "duration_ms": duration_ms}
+        request_log.info("%s %s %d in %.1f ms", scope["method"], scope["path"], status, duration_ms, extra=fields)
