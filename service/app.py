@@ -24,11 +24,13 @@ from .middleware import (
     BodyTimeout,
     BodyTooLarge,
     MetricsMiddleware,
+    RequestContextMiddleware,
     body_timeout_response,
     too_large_response,
 )
 from .routes import classify, docs, operations, ui, v2
 from .settings import Settings, get_settings
+from .tracing import Tracing
 
 
 async def body_too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
@@ -51,7 +53,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
         docs_url=None,  # routes.docs serves /docs and /redoc from packaged assets; FastAPI's own use a CDN
         redoc_url=None,
     )
-    app.state.service = ServiceState(settings, metrics)
+    app.state.service = ServiceState(settings, metrics, tracing=Tracing.from_environment(metrics))
     app.state.given_backend = backend
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes, timeout_s=settings.body_timeout_s)
@@ -63,6 +65,8 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "X-API-Key", "Content-Type"],
         )
+    # Outermost (added last): the request id and the server span cover every answer, refusals included.
+    app.add_middleware(RequestContextMiddleware, tracing=app.state.service.tracing)
     app.add_exception_handler(BodyTooLarge, body_too_large)
     app.add_exception_handler(BodyTimeout, body_timeout)
 

@@ -33,6 +33,7 @@ from .inference import ClassifyInput, ClassifyOutput, GradCAMInput, classify_bat
 from .metrics import Metrics
 from .numerics import NonFiniteGuard
 from .settings import Settings
+from .tracing import Tracing
 
 log = logging.getLogger("service")
 
@@ -74,6 +75,7 @@ class ServiceState:
     status: Status = Status.LOADING
     error: str | None = None
     runtime: Runtime | None = None
+    tracing: Tracing = field(default_factory=Tracing)  # off unless create_app read OTEL_* turning it on
     pool: ThreadPoolExecutor | None = None
     loader: asyncio.Task | None = field(default=None, repr=False)
 
@@ -227,6 +229,7 @@ async def _shut_down(state: ServiceState) -> None:
         runtime.backend.close()
         runtime.guard.close()
     state.pool.shutdown(wait=True, cancel_futures=False)
+    await state.tracing.shutdown()  # after the batchers, so that their last spans leave too
     log.info("stopped")
 
 
@@ -240,6 +243,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         thread_name_prefix="vitae-decode",
         initializer=_yield_cpu_to_inference,
     )
+    state.tracing.start()
     # Loading runs in the background so /healthz and /readyz answer (503) while it exports or warms up.
     state.loader = asyncio.create_task(load_model(state, app.state.given_backend), name="load-model")
     try:
