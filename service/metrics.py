@@ -51,6 +51,21 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.cache_hits = Counter(
+            "vitae_cache_hits", "Requests answered from the response cache or by an identical one in flight", registry=r
+        )
+        self.cache_misses = Counter("vitae_cache_misses", "Requests the response cache computed", registry=r)
+        self.cache_evictions = Counter(
+            "vitae_cache_evictions", "Answers evicted from the response cache to fit VITAE_CACHE_MB", registry=r
+        )
+        self.cache_bytes = Gauge("vitae_cache_bytes", "Bytes the response cache holds", registry=r)
+        self.cache_entries = Gauge("vitae_cache_entries", "Answers the response cache holds", registry=r)
+        self.model_loads = Counter(
+            "vitae_model_loads",
+            "Model versions loaded, by model and outcome: live (serving) or refused (failed to load or its checks)",
+            ["model", "outcome"],
+            registry=r,
+        )
         self.backend = Gauge("vitae_backend_info", "The backend in use (value 1)", ["backend", "device"], registry=r)
         self.spans_dropped = Counter(
             "vitae_trace_spans_dropped",

@@ -18,9 +18,13 @@ from service.settings import Settings
 
 
 def settings_for(artifacts: Path, **overrides) -> Settings:
-    """Settings that serve `artifacts` as they are (never export the demo checkpoint into them)."""
+    """Settings that serve `artifacts` as they are (never export the demo checkpoint into them).
+
+    The response cache is off unless a test turns it on (`cache_mb=...`): tests of queueing, deadlines and
+    overload send the same images again and count what the backend computes.
+    """
     values = dict(artifacts=artifacts, auto_export=False, backend="onnxruntime", device="cpu", threads=1)
-    values |= dict(max_delay_ms=5, preprocess_threads=2, log_level="warning")
+    values |= dict(max_delay_ms=5, preprocess_threads=2, log_level="warning", cache_mb=0)
     return Settings(**(values | overrides))
 
 
