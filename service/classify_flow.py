@@ -12,11 +12,15 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import time
+from collections.abc import Callable
+from concurrent.futures import Executor
 from functools import partial
 
 from fastapi import HTTPException, Request
+from PIL import Image
 from starlette.datastructures import UploadFile
 
 from model.preprocess import ACCEPTED_FORMATS, ImageDecodeError, ImageTooLargeError
@@ -28,6 +32,7 @@ from .inference import PreparedImage, prepare_image
 from .lifecycle import Runtime, ServiceState
 from .postprocess import normalize_cam, render_cam, top_k
 from .schemas import CamOut, ClassifyResult, ModelInfo, TimingOut
+from .tracing import step
 
 log = logging.getLogger("service")
 
@@ -74,6 +79,13 @@ def resolve_options(
 
 async def read_uploads(request: Request, max_files: int) -> list[bytes]:
     """The images of a request: every multipart 'file' part, or the raw body of an image content type."""
+    with step("read upload") as span:
+        uploads = await _read_uploads(request, max_files)
+        span.set_attributes({"vitae.images": len(uploads), "vitae.request.bytes": sum(map(len, uploads))})
+        return uploads
+
+
+async def _read_uploads(request: Request, max_files: int) -> list[bytes]:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
         form = await request.form(max_files=max_files, max_fields=max_files)
@@ -109,7 +121,6 @@ async def prepare_all(
     state: ServiceState, served: ServedArtifacts, uploads: list[bytes], keep_original: bool
 ) -> list[PreparedImage | HTTPException]:
     """Decode and preprocess every upload in the thread pool; a bad image becomes its own HTTPException."""
-    loop = asyncio.get_running_loop()
     prepare = partial(
         prepare_image,
         prep=served.preprocessing,
@@ -117,9 +128,25 @@ async def prepare_all(
         cam_max_side=state.settings.cam_max_side if keep_original else None,
     )
     prepared = await asyncio.gather(
-        *(loop.run_in_executor(state.pool, prepare, data) for data in uploads), return_exceptions=True
+        *(prepare_one(state.pool, prepare, data, index) for index, data in enumerate(uploads)), return_exceptions=True
     )
     return [image_error(p) if isinstance(p, Exception) else p for p in prepared]
+
+
+async def prepare_one(pool: Executor, prepare: Callable[[bytes], PreparedImage], data: bytes, index: int):
+    """One upload through `prepare` in the pool, as a `decode` step naming the image's pixel size."""
+    with step("decode", **{"vitae.image.index": index, "vitae.image.bytes": len(data)}) as span:
+        image = await asyncio.get_running_loop().run_in_executor(pool, prepare, data)
+        if span.is_recording():
+            span.set_attributes(pixel_size(data))
+        return image
+
+
+def pixel_size(data: bytes) -> dict[str, int]:
+    """The upload's width and height as stored, from its header alone (before any reduced-size decoding)."""
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+    return {"vitae.image.width": width, "vitae.image.height": height}
 
 
 # ---------------------------------------------------------------- 5. the response
@@ -136,9 +163,10 @@ async def shape_result(
     cam = None
     if answer.cam_raw is not None:
         loop = asyncio.get_running_loop()
-        pictures = await loop.run_in_executor(
-            state.pool, render_cam, normalize_cam(answer.cam_raw), image.original, state.settings.cam_max_side
-        )
+        with step("cam", **{"vitae.cam.class": answer.cam_class}):  # drawing the heatmap PNG and overlay JPEG
+            pictures = await loop.run_in_executor(
+                state.pool, render_cam, normalize_cam(answer.cam_raw), image.original, state.settings.cam_max_side
+            )
         cam = CamOut(class_index=answer.cam_class, label=served.class_names[answer.cam_class], **vars(pictures))
     outcome = answer.outcome
     return ClassifyResult(

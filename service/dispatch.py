@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from fastapi import HTTPException, Request
 
+from . import logs
 from .batcher import Batcher
 from .inference import ClassifyInput, ClassifyOutput, GradCAMInput, PreparedImage
 from .jobs import BatchFailedError, DeadlineExceeded, Job, Outcome, QueueFullError, ShuttingDownError
@@ -111,6 +112,15 @@ def refuse_failed(outcomes: list[Outcome[ClassifyOutput]]) -> None:
         raise HTTPException(500, detail=f"no answer for image {which} of {len(outcomes)}: {failed[0][1]}")
 
 
+def note_outcomes(runtime: Runtime, outcomes: list[Outcome]) -> None:
+    """The request's model and its longest queue wait and batch, for its log line (service.logs)."""
+    logs.note(
+        model=f"{runtime.served.name}:{runtime.served.version}",
+        queue_ms=round(max(o.queue_s for o in outcomes) * 1000, 3) if outcomes else None,
+        inference_ms=round(max(o.inference_s for o in outcomes) * 1000, 3) if outcomes else None,
+    )
+
+
 @dataclass(frozen=True)
 class Answer:
     outcome: Outcome[ClassifyOutput]
@@ -131,6 +141,7 @@ async def infer(
         max(0.001, deadline - time.monotonic()),
     )
     outcomes = await await_jobs(request, jobs, deadline)
+    note_outcomes(runtime, outcomes)
     refuse_failed(outcomes)
     if not (cam and layer is not None):
         return [Answer(o, o.result.cam_raw, o.result.cam_class, 0.0) for o in outcomes]

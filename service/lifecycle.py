@@ -180,6 +180,7 @@ async def load_model(state: ServiceState, backend: Backend | None = None) -> Non
         backend, reason = await _choose_backend(state.settings, served, backend)
         log.info("backend %s on %s in %s: %s", backend.name, backend.device, precision_of(backend), reason)
         state.runtime = await _start_runtime(state, served, backend, reason)
+        state.tracing.observe(state.runtime)  # its batches traced when tracing is on
         state.metrics.backend.labels(backend.name, backend.device).set(1)
         if state.status is Status.LOADING:
             state.status = Status.READY

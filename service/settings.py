@@ -93,6 +93,11 @@ class Settings(BaseSettings):
     host: str = Field("0.0.0.0", description="Address uvicorn binds.")
     port: int = Field(8000, ge=1, le=65535, description="Port uvicorn binds.")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="Log level.")
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="text: readable lines; json: one JSON object a line (timestamp, level, logger, message, "
+        "request_id, trace_id, model, status, durations) for log collectors (docs/serving/tracing.md).",
+    )
 
     @field_validator("cors_origins", mode="before")
     @classmethod

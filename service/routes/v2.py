@@ -29,6 +29,7 @@ from ..dispatch import Options, infer, within_deadline
 from ..lifecycle import ServiceState, Status
 from ..middleware import BodyTooLarge
 from ..settings import Settings
+from ..tracing import step
 from ..v2.flow import cam_available, cam_target, check_outputs, model_inputs, output_tensor
 from ..v2.stats import model_stats
 
@@ -194,10 +195,13 @@ async def model_infer(
 ) -> Response:
     """Classify a batch given as `images` or `image_bytes`; JSON or binary tensor data, in and out."""
     arrived = time.monotonic()
-    body = await request.body()
+    with step("read body") as span:
+        body = await request.body()
+        span.set_attribute("vitae.request.bytes", len(body))
     # One deadline over every step after the body arrived: parsing, decoding, inference and encoding.
     async with within_deadline(arrived + state.settings.request_timeout_s):
-        parsed = await off_the_loop_when_large(len(body), parse_body, body, request.headers, state.settings)
+        with step("parse body"):
+            parsed = await off_the_loop_when_large(len(body), parse_body, body, request.headers, state.settings)
         sig = v2.signature(served, cam=cam_available(runtime))
         wanted = parsed.outputs or [v2.RequestedOutput(v2.LOGITS, parsed.binary_default)]
         check_outputs(wanted, sig, served)
@@ -207,10 +211,11 @@ async def model_infer(
         answers = await infer(
             request, state, runtime, images, Options(k=0, cam=cam, target=target, layer=layer), arrived
         )
-        outputs = [(output_tensor(out, answers, served), out.binary) for out in wanted]
-        content, headers = await off_the_loop_when_large(
-            len(body), v2.encode_infer_response, served.name, served.version, parsed.id, outputs
-        )
+        with step("encode response"):  # the outputs asked for (the CAM's map among them), then the wire format
+            outputs = [(output_tensor(out, answers, served), out.binary) for out in wanted]
+            content, headers = await off_the_loop_when_large(
+                len(body), v2.encode_infer_response, served.name, served.version, parsed.id, outputs
+            )
     return Response(content, headers=headers)
 
 
