@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import logging
-
 from .app import create_app
+from .logs import configure_logging
 from .server import serve
 from .settings import get_settings
 
 
 def main() -> None:
     settings = get_settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
-    )
+    configure_logging(settings.log_level, settings.log_format)  # uvicorn's own lines go through it too
     serve(create_app(settings), settings)
 
 

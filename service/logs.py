@@ -35,6 +35,8 @@ class RequestInfo:
     request_id: str
     trace_id: str | None = None  # 32 hex digits when tracing is on
     model: str | None = None  # "name:version"
+    queue_ms: float | None = None  # the longest an image of the request waited for its batch
+    inference_ms: float | None = None  # the longest batch the request's images rode in
     error_kind: str | None = None  # the first error's kind, e.g. ImageDecodeError, BatchFailedError
 
 
@@ -66,8 +68,8 @@ def request_context(info: RequestInfo) -> Iterator[RequestInfo]:
         _current.reset(token)
 
 
-def note(**fields: str | None) -> None:
-    """Set fields of the running request's info (model, error_kind); a no-op outside a request."""
+def note(**fields: str | float | None) -> None:
+    """Set fields of the running request's info (model, durations, error_kind); a no-op outside a request."""
     info = _current.get()
     if info is not None:
         for name, value in fields.items():

@@ -164,6 +164,7 @@ class RequestContextMiddleware:
         with self.tracing.server_span(scope) as span, logs.request_context(info):
             if span.get_span_context().is_valid:
                 info.trace_id = format(span.get_span_context().trace_id, "032x")
+                span.set_attribute("vitae.request_id", info.request_id)
             try:
                 await self.app(scope, receive, send_with_id)
             except Exception as exc:
@@ -176,10 +177,14 @@ class RequestContextMiddleware:
             finally:
                 status = status or CLIENT_CLOSED_REQUEST  # no answer: the client left first
                 end_server_span(span, getattr(scope.get("route"), "path", None), status, info.error_kind)
-                self._log(scope, status, time.perf_counter() - started)
+                self._log(scope, status, time.perf_counter() - started, info)
 
     @staticmethod
-    def _log(scope: Scope, status: int, elapsed_s: float) -> None:
-        duration_ms = round(elapsed_s * 1000, 3)
-        fields = {"method": scope["method"], "path": scope["path"], "status": status, "duration_ms": duration_ms}
-        request_log.info("%s %s %d in %.1f ms", scope["method"], scope["path"], status, duration_ms, extra=fields)
+    def _log(scope: Scope, status: int, elapsed_s: float, info: logs.RequestInfo) -> None:
+        fields = {"method": scope["method"], "path": scope["path"], "status": status}
+        fields |= {"duration_ms": round(elapsed_s * 1000, 3), "error_kind": info.error_kind}
+        text = "%(method)s %(path)s %(status)d in %(duration_ms).1f ms"
+        if info.queue_ms is not None:
+            fields |= {"queue_ms": info.queue_ms, "inference_ms": info.inference_ms}
+            text += " (queue %(queue_ms).1f ms, inference %(inference_ms).1f ms)"
+        request_log.info(text, fields, extra=fields)

@@ -216,6 +216,10 @@ def server_config(
         http=partial(GuardedHttpProtocol, limits=limits),  # type: ignore[arg-type]
         ws="none",
         log_level=settings.log_level,
+        # uvicorn's lines go to the root logger (service.logs formats them); the middleware logs each request,
+        # with its id, in place of uvicorn's access line.
+        log_config=None,
+        access_log=False,
         lifespan="on",
         # Requests cannot outlive their deadline, so waiting a little longer than it is enough.
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,

@@ -5,8 +5,10 @@
 2. start                      the lifespan builds the SDK (imported only then): a TracerProvider with the
                               sampler of OTEL_TRACES_SAMPLER[_ARG], the resource of OTEL_SERVICE_NAME, one bounded
                               BatchSpanProcessor (OTEL_BSP_*) and the exporter (OTEL_EXPORTER_OTLP_*)
-3. server_span / span         the request's server span (W3C traceparent honoured) and its children
-4. batch_spans                the batcher's observer (service.batch_spans): one span per batch, linked both ways
+3. server_span / step         the request's server span (W3C traceparent honoured), then `step(name)` anywhere
+                              under it opens a child (a no-op when off: the request carries no tracer)
+4. observe                    a runtime's batchers get their observer (service.batch_spans): one span per batch,
+                              linked both ways to the requests it served
 5. shutdown                   the lifespan flushes what is queued, within span_export.SHUTDOWN_TIMEOUT_MS
 Spans that never reach the collector are counted in vitae_trace_spans_dropped{reason}: queue_full (the processor's
 bounded queue overflowed) and export_failed (the collector refused or could not be reached).
@@ -19,18 +21,18 @@ import logging
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from importlib.util import find_spec
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.propagators.textmap import DefaultGetter
 from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from starlette.exceptions import HTTPException
 
+from . import logs
 from .metrics import Metrics
-
-if TYPE_CHECKING:
-    from .batch_spans import BatchSpans
 
 log = logging.getLogger("service")
 
@@ -39,11 +41,12 @@ PROTOCOLS = ("http/protobuf", "grpc")
 DEFAULT_SERVICE_NAME = "vitae-serve"
 _OFF = nullcontext(INVALID_SPAN)  # what span() gives when tracing is off: a span whose setters do nothing
 _W3C = TraceContextTextMapPropagator()
+_request_tracer: ContextVar[trace.Tracer | None] = ContextVar("vitae_tracer", default=None)
 
 
 def error_kind(exc: BaseException) -> str:
     """The kind of an error as traces and logs name it: the cause's class when an HTTP error wraps one."""
-    cause = exc.__cause__ if exc.__cause__ is not None else exc
+    cause = exc.__cause__ if isinstance(exc, HTTPException) and exc.__cause__ is not None else exc
     return "cancelled" if isinstance(cause, asyncio.CancelledError) else type(cause).__name__
 
 
@@ -103,28 +106,6 @@ class Tracing:
         if provider is not None:
             await asyncio.to_thread(provider.shutdown)
 
-    def span(self, name: str, **attributes: Any) -> Any:
-        """A child of the current span for the duration of a `with` block; records the error that leaves it."""
-        if self.tracer is None:
-            return _OFF
-        return self._span(name, attributes)
-
-    @contextmanager
-    def _span(self, name: str, attributes: dict[str, Any]) -> Iterator[Span]:
-        with self.tracer.start_as_current_span(
-            name, attributes=attributes, record_exception=False, set_status_on_exception=False
-        ) as span:
-            try:
-                yield span
-            except BaseException as exc:
-                kind = error_kind(exc)
-                mark_error(span, kind, str(exc))
-                if kind != "cancelled":  # a cancelled step follows from another error: the deadline, a disconnect
-                    from . import logs
-
-                    logs.note(error_kind=kind)
-                raise
-
     def server_span(self, scope: Mapping[str, Any]) -> Any:
         """The request's server span, a child of the caller's span when a valid `traceparent` came with it."""
         if self.tracer is None:
@@ -133,6 +114,7 @@ class Tracing:
         for name, value in scope["headers"]:
             if name in (b"traceparent", b"tracestate"):
                 carrier.setdefault(name.decode(), []).append(value.decode("latin-1"))
+        _request_tracer.set(self.tracer)  # the request's task (and the tasks it starts) open steps with it
         return self.tracer.start_as_current_span(
             scope["method"],
             context=_W3C.extract(carrier, getter=DefaultGetter()),
@@ -142,13 +124,47 @@ class Tracing:
             set_status_on_exception=False,
         )
 
-    def batch_spans(self, batcher: str, attributes: dict[str, Any]) -> BatchSpans | None:
-        """The observer a batcher takes when tracing is on (None when off, so the batcher does no tracing work)."""
+    def observe(self, runtime: Any) -> None:
+        """Give a runtime's batchers the observer that traces their batches (nothing when tracing is off)."""
         if self.tracer is None:
-            return None
+            return
+        from .backends import precision_of
         from .batch_spans import BatchSpans
 
-        return BatchSpans(self.tracer, batcher, attributes)
+        served, backend = runtime.served, runtime.backend
+        model = {"vitae.model.name": served.name, "vitae.model.version": served.version}
+        engine = {"vitae.backend": backend.name, "vitae.device": backend.device}
+        runtime.classifier.observer = BatchSpans(
+            self.tracer, "classify", model | engine | {"vitae.precision": precision_of(backend)}
+        )
+        if runtime.explainer is not None:  # autograd Grad-CAM: PyTorch in fp32 on the CPU
+            runtime.explainer.observer = BatchSpans(
+                self.tracer, "gradcam", model | {"vitae.backend": "torch", "vitae.precision": "fp32"}
+            )
+
+
+def step(name: str, **attributes: Any) -> Any:
+    """A child of the current span for the duration of a `with` block, recording the error that leaves it.
+
+    The tracer is the one the request's server span set; outside a traced request this is a no-op.
+    """
+    tracer = _request_tracer.get()
+    return _OFF if tracer is None else _step(tracer, name, attributes)
+
+
+@contextmanager
+def _step(tracer: trace.Tracer, name: str, attributes: dict[str, Any]) -> Iterator[Span]:
+    with tracer.start_as_current_span(
+        name, attributes=attributes, record_exception=False, set_status_on_exception=False
+    ) as span:
+        try:
+            yield span
+        except BaseException as exc:
+            kind = error_kind(exc)
+            mark_error(span, kind, str(exc))
+            if kind != "cancelled":  # a cancelled step follows from another error: the deadline, a disconnect
+                logs.note(error_kind=kind)
+            raise
 
 
 def end_server_span(span: Span, route: str | None, status: int, kind: str | None) -> None:
