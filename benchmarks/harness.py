@@ -4,7 +4,8 @@
 - a server process started in its own process group and polled until ready (`start`, `wait_ready`), stopped with
   its workers (`stop`), and its CPU time read from /proc (`cpu_seconds`);
 - real JPEG photos to send (`real_jpegs`);
-- a closed-loop client: N clients, each sending its next request when the last one is answered (`closed_loop`).
+- a closed-loop client: N clients, each sending its next request when the last one is answered (`closed_loop`);
+- a version of a model published into a model repository the way the poller expects (`publish_version`).
 
 The scripts put `benchmarks/` on sys.path and import this as `harness`; tests import it as `benchmarks.harness`.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -198,3 +200,14 @@ async def closed_loop(http: httpx.AsyncClient, clients: int, total: int, send: S
     started = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
     return Loop(latencies, errors, time.perf_counter() - started)
+
+
+def publish_version(repository: Path, name: str, version: str, artifacts: Path, *, truncate_onnx: bool = False) -> Path:
+    """Copy an artifacts folder into `repository/name/version` atomically: under a hidden name, then renamed, so a
+    poller never sees it half-copied. `truncate_onnx` publishes a broken version (its model.onnx cut in half)."""
+    incoming = repository / name / f".incoming-{version}"
+    shutil.copytree(artifacts, incoming, ignore=shutil.ignore_patterns("openvino_cache", ".*"))
+    if truncate_onnx:
+        onnx = incoming / "model.onnx"
+        onnx.write_bytes(onnx.read_bytes()[: onnx.stat().st_size // 2])
+    return incoming.rename(repository / name / version)

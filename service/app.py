@@ -1,13 +1,15 @@
 """The app factory: settings, middleware and routers; everything else lives in the modules it names.
 
 Layout (the FastAPI "bigger applications" shape):
-  lifecycle.py       Status, ServiceState, Runtime, load_model, lifespan (owns every resource)
+  lifecycle.py       Status, ServiceState, load_model, lifespan (owns every resource)
   dependencies.py    StateDep, RuntimeDep, ApiKeyDep (`Annotated[..., Depends()]` aliases)
   classify_flow.py   the steps of one /classify request (options, uploads, decode, response)
   dispatch.py        prepared images through the batchers under one deadline (/classify and v2 alike)
   v2/                the KServe v2 protocol: pure wire format (decode, encode, documents) + its request flow
-  routes/*.py        one `router = APIRouter(...)` per role: operations, classify, v2 (KServe v2),
-                     docs (offline /docs, /redoc), ui (the web page at /)
+  runtime.py         one model version ready to answer (backend + batchers); registry.py, models.py: the served
+                     models, their versions, and how a new version goes live
+  routes/*.py        one `router = APIRouter(...)` per role: operations, classify, v2 (KServe v2), models
+                     (GET /models), admin (model control), docs (offline /docs, /redoc), ui (the web page at /)
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from .middleware import (
     body_timeout_response,
     too_large_response,
 )
-from .routes import classify, docs, operations, ui, v2
+from .routes import admin, classify, docs, models, operations, ui, v2
 from .settings import Settings, get_settings
 from .tracing import Tracing
 
@@ -73,6 +75,8 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     app.include_router(operations.router)
     app.include_router(classify.router)
     app.include_router(v2.router)
+    app.include_router(models.router)
+    app.include_router(admin.router)
     app.include_router(docs.router)
     if settings.ui:
         app.include_router(ui.router)

@@ -7,12 +7,14 @@ hop per dependency per request that, under load, costs the event loop more than 
 from __future__ import annotations
 
 import secrets
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from .lifecycle import Runtime, ServiceState, Status
+from .registry import ModelUnavailable, UnknownModel
 
 NOT_READY = {
     Status.LOADING: "the model is still loading; retry shortly",
@@ -25,19 +27,28 @@ async def get_state(request: Request) -> ServiceState:
     return request.app.state.service
 
 
-async def get_runtime(state: Annotated[ServiceState, Depends(get_state)]) -> Runtime:
-    """The loaded runtime; 503 with Retry-After while loading or failed.
+async def get_runtime(request: Request, state: Annotated[ServiceState, Depends(get_state)]) -> AsyncIterator[Runtime]:
+    """The live runtime of the model the request names (v2: the path's name; /classify: `?model=`; none: the
+    default), leased until the request is answered; 404 listing the served names, 503 with Retry-After while
+    loading or failed.
 
     Draining still serves: during the pre-stop grace load balancers may still send requests (only /readyz
     says 503), and after it the batchers answer what reaches them until the lifespan closes them.
     """
-    if state.status not in (Status.READY, Status.DRAINING) or state.runtime is None:
+    if state.status not in (Status.READY, Status.DRAINING):
         if state.status is Status.FAILED:
             detail = f"the model failed to load: {state.error}"
         else:
             detail = NOT_READY.get(state.status, str(state.status))
         raise HTTPException(503, detail=detail, headers={"Retry-After": "5"})
-    return state.runtime
+    try:
+        loaded = state.models.find(request.path_params.get("name") or request.query_params.get("model"))
+    except UnknownModel as exc:
+        raise HTTPException(404, detail=str(exc)) from None
+    except ModelUnavailable as exc:
+        raise HTTPException(503, detail=str(exc), headers={"Retry-After": "5"}) from None
+    with loaded.lease() as runtime:  # a version replaced meanwhile is closed only once this request is answered
+        yield runtime
 
 
 bearer_scheme = HTTPBearer(auto_error=False, description="VITAE_API_KEY as a Bearer token")
@@ -68,6 +79,22 @@ async def check_api_key(
         )
 
 
+admin_key_scheme = APIKeyHeader(name="X-Admin-Key", auto_error=False, description="VITAE_ADMIN_KEY")
+
+
+async def check_admin_key(
+    state: Annotated[ServiceState, Depends(get_state)],
+    admin_key: Annotated[str | None, Security(admin_key_scheme)],
+) -> None:
+    """403 while VITAE_ADMIN_KEY is unset (the control endpoints are off); 401 unless X-Admin-Key is the key."""
+    expected = state.settings.admin_key
+    if expected is None:
+        raise HTTPException(403, detail="the model control endpoints are off: set VITAE_ADMIN_KEY to turn them on")
+    if admin_key is None or not secrets.compare_digest(admin_key.encode(), expected.get_secret_value().encode()):
+        raise HTTPException(401, detail="missing or wrong admin key: send 'X-Admin-Key: <VITAE_ADMIN_KEY>'")
+
+
 StateDep = Annotated[ServiceState, Depends(get_state)]
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 ApiKeyDep = Annotated[None, Depends(check_api_key)]
+AdminKeyDep = Annotated[None, Depends(check_admin_key)]

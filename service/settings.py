@@ -17,6 +17,17 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VITAE_", case_sensitive=False, extra="ignore")
 
     artifacts: Path = Field(Path("artifacts"), description="Export output folder to serve (metadata.json, model.onnx).")
+    model_repository: Path | None = Field(
+        None,
+        description="Serve every model in DIR/<name>/<version>/ (each an artifacts folder) instead of `artifacts`, "
+        "with new versions put live without a restart (docs/serving/models.md).",
+    )
+    default_model: str | None = Field(
+        None, description="With a model repository: the model a request that names none gets; default: the first name."
+    )
+    model_poll_s: float = Field(
+        2.0, ge=0, description="With a model repository: seconds between looks for new version folders; 0 = never."
+    )
     checkpoint: Path = Field(
         Path("demo/model/vitae_fmnist.safetensors"),
         description="Checkpoint exported into `artifacts` at start when the artifacts are missing or stale.",
@@ -76,6 +87,11 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         None, description="When set, requests need `Authorization: Bearer <key>` or `X-API-Key: <key>`."
     )
+    admin_key: SecretStr | None = Field(
+        None,
+        description="Key of the model control endpoints (/admin/models/...), sent as `X-Admin-Key: <key>`; "
+        "unset (default), those endpoints are off.",
+    )
     ui: bool = Field(True, description="Serve the web page at / (false: the API alone; /docs stays).")
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma-separated origins allowed by CORS; empty (default) disables CORS."
@@ -106,7 +122,7 @@ class Settings(BaseSettings):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
         return value
 
-    @field_validator("api_key", mode="before")
+    @field_validator("api_key", "admin_key", mode="before")
     @classmethod
     def _empty_key_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value

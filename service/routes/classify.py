@@ -44,6 +44,9 @@ Cam = Annotated[
 CamClass = Annotated[
     str | None, Query(description="class index or label for the CAM; default: top-1", examples=["Sneaker"])
 ]
+ModelName = Annotated[
+    str | None, Query(description="model to ask (see GET /models); default: the default model", examples=["vitae"])
+]
 CamLayer = Annotated[
     str | None,
     Query(
@@ -58,6 +61,7 @@ ERRORS = {
     408: "the body did not arrive within VITAE_BODY_TIMEOUT_S",
     413: "the body is over VITAE_MAX_UPLOAD_BYTES or an image over VITAE_MAX_IMAGE_PIXELS",
     415: "a content type that is neither multipart/form-data nor an image",
+    404: "`model` names no served model (the detail lists them)",
     422: "a query parameter out of range or naming no class or cell",
     503: "loading, or the queue is full (Retry-After says when to retry)",
     504: "the request's work passed VITAE_REQUEST_TIMEOUT_S",
@@ -80,6 +84,7 @@ async def classify(
     cam: Cam = False,
     cam_class: CamClass = None,
     cam_layer: CamLayer = None,
+    model: ModelName = None,  # read by RuntimeDep, which leases that model's live version
 ) -> ClassifyResult | BatchResult:
     """Classify one image (multipart 'file' part or raw image body) or several ('file' parts, in order)."""
     arrived = time.monotonic()

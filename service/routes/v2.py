@@ -63,14 +63,13 @@ router = APIRouter(prefix="/v2", tags=["v2"], route_class=ProtocolRoute)
 
 
 async def get_model(request: Request, runtime: RuntimeDep, name: str) -> ServedArtifacts:
-    """The served model when the path names it (and its version, if the path has one); else 404."""
+    """The served model the path names (RuntimeDep resolved the name: 404 listing the served ones), at the version
+    the path gives, if any: only the live version answers; else 404 naming it."""
     served = runtime.served
     version = request.path_params.get("version")
-    if name != served.name:
-        raise HTTPException(404, detail=f"unknown model '{name}'; this server serves '{served.name}'")
     if version is not None and version != served.version:
         raise HTTPException(
-            404, detail=f"model '{name}' has no version '{version}'; the served version is '{served.version}'"
+            404, detail=f"model '{name}' has no version '{version}' live; the served version is '{served.version}'"
         )
     return served
 
@@ -124,15 +123,17 @@ async def server_ready(state: StateDep) -> dict:
 
 
 @router.get("/models/stats", summary="Statistics of every model")
-async def all_model_stats(state: StateDep, runtime: RuntimeDep, _: ApiKeyDep) -> dict:
-    """Triton's statistics extension, from the service's Prometheus counters (one shared classify batcher)."""
-    return {"model_stats": [model_stats(state.metrics.registry, runtime.served)]}
+async def all_model_stats(state: StateDep, _: ApiKeyDep) -> dict:
+    """Triton's statistics extension, from the service's Prometheus counters (each model's classify batcher)."""
+    require_ready(state)
+    runtimes = [loaded.runtime for loaded in state.models.live()]
+    return {"model_stats": [model_stats(state.metrics.registry, rt.served, rt.classifier.name) for rt in runtimes]}
 
 
 @both_paths(router.get, "/stats", summary="Statistics of the model")
-async def one_model_stats(state: StateDep, served: ModelDep, _: ApiKeyDep) -> dict:
+async def one_model_stats(state: StateDep, runtime: RuntimeDep, served: ModelDep, _: ApiKeyDep) -> dict:
     """Triton's statistics extension for this model."""
-    return {"model_stats": [model_stats(state.metrics.registry, served)]}
+    return {"model_stats": [model_stats(state.metrics.registry, served, runtime.classifier.name)]}
 
 
 @both_paths(router.get, "/ready", summary="Model readiness")

@@ -7,11 +7,11 @@ from prometheus_client import CollectorRegistry
 from ..artifacts import ServedArtifacts
 
 
-def model_stats(registry: CollectorRegistry, served: ServedArtifacts) -> dict:
-    """Triton's per-model statistics from the classify batcher's Prometheus samples (all routes together)."""
+def model_stats(registry: CollectorRegistry, served: ServedArtifacts, batcher: str = "classify") -> dict:
+    """Triton's per-model statistics from its classify batcher's Prometheus samples (all routes together)."""
 
     def sample(name: str) -> float:
-        return registry.get_sample_value(name, {"model": "classify"}) or 0.0
+        return registry.get_sample_value(name, {"model": batcher}) or 0.0
 
     images, batches = sample("vitae_batch_size_sum"), sample("vitae_batch_size_count")
     return {

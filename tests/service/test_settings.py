@@ -6,7 +6,7 @@ import pytest
 from support.checkpoints import exported
 
 from service.artifacts import read_artifacts
-from service.lifecycle import CPU_STREAM_MAX_BATCH, classify_max_batch
+from service.runtime import CPU_STREAM_MAX_BATCH, classify_max_batch
 from service.settings import Settings, get_settings
 
 
