@@ -8,7 +8,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data browser ui-screenshot serve test gpu-setup test-gpu wheels lint docs export train-demo evaluate-demo bench bench-export bench-service bench-accuracy
+.PHONY: setup data browser nginx ui-screenshot serve test gpu-setup test-gpu wheels lint docs export train-demo evaluate-demo bench bench-export bench-service bench-accuracy
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,14 @@ $(CHROMIUM):
 	$(SUDO) apt-get update -qq
 	$(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
+# Debian's nginx, the load balancer in front of the replicas in tests/service/test_rolling_replacement.py.
+NGINX := /usr/sbin/nginx
+nginx: $(NGINX)
+
+$(NGINX):
+	$(SUDO) apt-get update -qq
+	$(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx
+
 # The picture of the web page in the README and docs/serving/web-page.md: taken by the browser tests
 # (test-artifacts/ui/readme.png), copied to docs/ui.png.
 ui-screenshot: setup browser
@@ -45,7 +53,7 @@ serve: setup
 	$(BIN)/python -m service
 
 # The venv's tools (hadolint) on PATH, as an activated venv would have them.
-test: setup data browser
+test: setup data browser nginx
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
 
 lint: setup
