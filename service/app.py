@@ -19,6 +19,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from .backends import Backend
+from .cache import CACHE_HEADER, ResponseCache
 from .lifecycle import ServiceState, lifespan
 from .metrics import Metrics
 from .middleware import (
@@ -57,6 +58,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     )
     app.state.service = ServiceState(settings, metrics, tracing=Tracing.from_environment(metrics))
     app.state.given_backend = backend
+    app.state.cache = ResponseCache(int(settings.cache_mb * 2**20), metrics)
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
@@ -65,7 +67,15 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "X-API-Key", "Content-Type"],
+            allow_headers=[
+                "Authorization",
+                "X-API-Key",
+                "Content-Type",
+                "Cache-Control",
+                "X-Priority",
+                "X-Request-Timeout",
+            ],
+            expose_headers=[CACHE_HEADER],
         )
     # Outermost (added last): the request id and the server span cover every answer, refusals included.
     app.add_middleware(RequestContextMiddleware, tracing=app.state.service.tracing)

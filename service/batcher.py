@@ -84,7 +84,6 @@ class Batcher(Generic[P, R]):
         self._free = asyncio.Semaphore(workers)  # workers not computing a batch
         self._in_flight: set[asyncio.Task] = set()
         self._queue = JobQueue()
-        self._arrived = asyncio.Event()  # set when a job is queued or closing begins
         self._pending = 0  # submitted jobs not yet dispatched nor left
         self._closing = False
         self._task: asyncio.Task | None = None
@@ -128,13 +127,12 @@ class Batcher(Generic[P, R]):
         self._pending += 1
         self._set_depth()
         self._queue.push(job)
-        self._arrived.set()
         return job
 
     async def close(self) -> None:
         """Stop taking jobs, run every job already queued, then stop the loop and the worker thread."""
         self._closing = True
-        self._arrived.set()
+        self._queue.wake()
         if self._task is not None:
             try:
                 await self._task
@@ -183,13 +181,7 @@ class Batcher(Generic[P, R]):
                     return job
                 continue
             remaining = None if until is None else until - loop.time()
-            if self._closing or (remaining is not None and remaining <= 0):
-                return None
-            self._arrived.clear()
-            try:
-                async with asyncio.timeout(remaining):
-                    await self._arrived.wait()
-            except TimeoutError:
+            if self._closing or (remaining is not None and remaining <= 0) or not await self._queue.wait(remaining):
                 return None
 
     async def _loop(self) -> None:

@@ -7,6 +7,7 @@
 4. infer             `service.dispatch.infer`: through the classify batcher (and the Grad-CAM batcher for an
                      earlier cell); 504 at the deadline, 499 on disconnect, 503 when the queue is full
 5. shape_result      logits -> top-k, CAM -> pictures, timings -> the response model
+Steps 3-5 are `answer_uploads`, what the response cache (service.cache) runs on a miss: a hit skips them.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ from starlette.datastructures import UploadFile
 from model.preprocess import ACCEPTED_FORMATS, ImageDecodeError, ImageTooLargeError
 
 from .artifacts import ServedArtifacts
-from .dispatch import Answer, Options
+from .dispatch import Answer, Options, infer
 from .gradcam import resolve_cell
 from .inference import PreparedImage, prepare_image
 from .lifecycle import Runtime, ServiceState
 from .postprocess import normalize_cam, render_cam, top_k
-from .schemas import CamOut, ClassifyResult, ModelInfo, TimingOut
+from .request_policy import RequestPolicy
+from .schemas import BatchResult, CamOut, ClassifyResult, ErrorOut, ItemError, ModelInfo, TimingOut
 from .tracing import step
 
 log = logging.getLogger("service")
@@ -133,7 +135,9 @@ async def prepare_all(
     return [image_error(p) if isinstance(p, Exception) else p for p in prepared]
 
 
-async def prepare_one(pool: Executor, prepare: Callable[[bytes], PreparedImage], data: bytes, index: int):
+async def prepare_one(
+    pool: Executor, prepare: Callable[[bytes], PreparedImage], data: bytes, index: int
+) -> PreparedImage:
     """One upload through `prepare` in the pool, as a `decode` step naming the image's pixel size."""
     with step("decode", **{"vitae.image.index": index, "vitae.image.bytes": len(data)}) as span:
         image = await asyncio.get_running_loop().run_in_executor(pool, prepare, data)
@@ -179,3 +183,27 @@ async def shape_result(
             total=ms(time.monotonic() - arrived),
         ),
     )
+
+
+# ---------------------------------------------------------------- 3-5. one request's answer
+
+
+async def answer_uploads(
+    request: Request, state: ServiceState, runtime: Runtime, uploads: list[bytes], opts: Options, policy: RequestPolicy
+) -> tuple[bytes, int | None]:
+    """The response body for `uploads`, and its size when every image was answered (the cache keeps only those)."""
+    served = runtime.served
+    prepared = await prepare_all(state, served, uploads, keep_original=opts.cam)
+    if len(prepared) == 1 and isinstance(prepared[0], HTTPException):
+        raise prepared[0]
+    good = [p for p in prepared if isinstance(p, PreparedImage)]
+    answers = iter(await infer(request, runtime, good, opts, policy))
+    results = [
+        ItemError(error=ErrorOut(status=item.status_code, detail=str(item.detail)))
+        if isinstance(item, HTTPException)
+        else await shape_result(state, served, item, next(answers), opts.k, policy.arrived)
+        for item in prepared
+    ]
+    result = BatchResult(results=results) if len(uploads) > 1 else results[0]
+    body = result.model_dump_json(exclude_none=True).encode()
+    return body, len(body) if len(good) == len(prepared) else None

@@ -1,4 +1,5 @@
-"""What routes declare they need, as `Annotated[..., Depends()]` aliases: the state, a ready runtime, the API key.
+"""What routes declare they need, as `Annotated[..., Depends()]` aliases: the state, a ready runtime, the API key,
+the request's policy (priority, deadline, cache use).
 
 Each is `async def` although none awaits: FastAPI runs a plain `def` dependency in its thread pool, a thread
 hop per dependency per request that, under load, costs the event loop more than the check itself.
@@ -10,11 +11,13 @@ import secrets
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request, Security
+from fastapi import Depends, Header, HTTPException, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from .cache import ResponseCache
 from .lifecycle import Runtime, ServiceState, Status
 from .registry import ModelUnavailable, UnknownModel
+from .request_policy import PRIORITIES, RequestPolicy, policy_from_headers
 
 NOT_READY = {
     Status.LOADING: "the model is still loading; retry shortly",
@@ -79,6 +82,23 @@ async def check_api_key(
         )
 
 
+async def get_policy(
+    request: Request,
+    state: Annotated[ServiceState, Depends(get_state)],
+    x_priority: Annotated[
+        str | None, Header(description=f"{PRIORITIES} (default normal): the queue serves the most urgent first")
+    ] = None,
+    x_request_timeout: Annotated[
+        str | None, Header(description="seconds this request may take (> 0), capped by VITAE_REQUEST_TIMEOUT_S")
+    ] = None,
+) -> RequestPolicy:
+    """The request's priority, deadline and cache use from its headers; 400 naming a bad header."""
+    try:
+        return policy_from_headers(request.headers, state.settings.request_timeout_s)
+    except ValueError as exc:
+        raise HTTPException(400, detail=str(exc)) from None
+
+
 admin_key_scheme = APIKeyHeader(name="X-Admin-Key", auto_error=False, description="VITAE_ADMIN_KEY")
 
 
@@ -94,7 +114,14 @@ async def check_admin_key(
         raise HTTPException(401, detail="missing or wrong admin key: send 'X-Admin-Key: <VITAE_ADMIN_KEY>'")
 
 
+async def get_cache(request: Request) -> ResponseCache:
+    """The app's response cache (set by create_app)."""
+    return request.app.state.cache
+
+
 StateDep = Annotated[ServiceState, Depends(get_state)]
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 ApiKeyDep = Annotated[None, Depends(check_api_key)]
 AdminKeyDep = Annotated[None, Depends(check_admin_key)]
+PolicyDep = Annotated[RequestPolicy, Depends(get_policy)]
+CacheDep = Annotated[ResponseCache, Depends(get_cache)]

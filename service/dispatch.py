@@ -2,9 +2,12 @@
 
 Shared by /classify (`service.classify_flow`) and the KServe v2 infer route (`service.v2.flow`), so both kinds
 of traffic share batches, limits, deadlines and metrics.
-1. within_deadline   504 when reading, parsing, decoding, inference and encoding pass VITAE_REQUEST_TIMEOUT_S
-2. submit_all        queue every job or none (503 with Retry-After when full or shutting down)
-3. await_jobs        every outcome; 504 at the deadline, 499 on disconnect, cancelling what has not run
+1. within_deadline   504 when reading, parsing, decoding, inference and encoding pass the request's deadline
+                     (X-Request-Timeout or v2's `timeout`, capped by VITAE_REQUEST_TIMEOUT_S)
+2. submit_all        queue every job or none at the request's priority (503 with Retry-After when full or
+                     shutting down)
+3. await_jobs        every outcome; 504 at the deadline, 499 on disconnect, 503 when shed for a more urgent
+                     request, cancelling what has not run
 4. infer             the classify batcher, then the Grad-CAM batcher when a CAM of an earlier cell is asked for
 """
 
@@ -22,8 +25,11 @@ from fastapi import HTTPException, Request
 from . import logs
 from .batcher import Batcher
 from .inference import ClassifyInput, ClassifyOutput, GradCAMInput, PreparedImage
-from .jobs import BatchFailedError, DeadlineExceeded, Job, Outcome, QueueFullError, ShuttingDownError
-from .lifecycle import Runtime, ServiceState
+from .jobs import BatchFailedError, DeadlineExceeded, Job, Outcome, Priority, QueueFullError, ShuttingDownError
+from .lifecycle import Runtime
+from .request_policy import RequestPolicy
+
+DEADLINE_SOURCE = "X-Request-Timeout or VITAE_REQUEST_TIMEOUT_S"
 
 
 @dataclass(frozen=True)
@@ -50,7 +56,7 @@ async def within_deadline(deadline: float) -> AsyncIterator[None]:
             yield
     except TimeoutError:
         raise HTTPException(
-            504, detail="the request's deadline passed before its images were answered (VITAE_REQUEST_TIMEOUT_S)"
+            504, detail=f"the request's deadline passed before its images were answered ({DEADLINE_SOURCE})"
         ) from None
 
 
@@ -76,9 +82,11 @@ async def await_jobs(request: Request, jobs: list[Job], deadline: float) -> list
         if everything in done:
             return everything.result()
         reason = (499, "the client disconnected") if disconnect in done else (504, "the request's deadline passed")
-        raise HTTPException(reason[0], detail=f"{reason[1]} before inference finished (VITAE_REQUEST_TIMEOUT_S)")
+        raise HTTPException(reason[0], detail=f"{reason[1]} before inference finished ({DEADLINE_SOURCE})")
     except DeadlineExceeded as exc:
-        raise HTTPException(504, detail=f"{exc} (VITAE_REQUEST_TIMEOUT_S)") from exc
+        raise HTTPException(504, detail=f"{exc} ({DEADLINE_SOURCE})") from exc
+    except QueueFullError as exc:  # shed for a more urgent request
+        raise HTTPException(503, detail=str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from exc
     except BatchFailedError as exc:
         raise HTTPException(500, detail=str(exc)) from exc
     finally:
@@ -87,12 +95,12 @@ async def await_jobs(request: Request, jobs: list[Job], deadline: float) -> list
             job.future.cancel()  # no-op for the finished; the queued ones leave the queue uncomputed
 
 
-def submit_all(batcher: Batcher, payloads: list, timeout_s: float) -> list[Job]:
+def submit_all(batcher: Batcher, payloads: list, timeout_s: float, priority: Priority = Priority.NORMAL) -> list[Job]:
     """Queue every payload or none: 503 with Retry-After when the queue is full or shutting down."""
     jobs: list[Job] = []
     try:
         for payload in payloads:
-            jobs.append(batcher.submit(payload, timeout_s=timeout_s))
+            jobs.append(batcher.submit(payload, timeout_s=timeout_s, priority=priority))
     except QueueFullError as exc:
         for job in jobs:
             job.future.cancel()
@@ -130,15 +138,16 @@ class Answer:
 
 
 async def infer(
-    request: Request, state: ServiceState, runtime: Runtime, images: list[PreparedImage], opts: Options, arrived: float
+    request: Request, runtime: Runtime, images: list[PreparedImage], opts: Options, policy: RequestPolicy
 ) -> list[Answer]:
     """Classify through the batcher; CAMs from the backend's outputs, or by autograd at an earlier cell."""
-    deadline = arrived + state.settings.request_timeout_s
+    deadline, priority = policy.deadline, policy.priority
     cam, layer, target = opts.cam, opts.layer, opts.target
     jobs = submit_all(
         runtime.classifier,
         [ClassifyInput(image.pixels, cam and layer is None, target) for image in images],
         max(0.001, deadline - time.monotonic()),
+        priority,
     )
     outcomes = await await_jobs(request, jobs, deadline)
     note_outcomes(runtime, outcomes)
@@ -151,6 +160,7 @@ async def infer(
         runtime.explainer,
         [GradCAMInput(image.pixels, t, layer) for image, t in zip(images, targets, strict=True)],
         max(0.001, deadline - time.monotonic()),
+        priority,
     )
     cams = await await_jobs(request, cam_jobs, deadline)
     return [Answer(o, c.result, t, c.inference_s) for o, c, t in zip(outcomes, cams, targets, strict=True)]

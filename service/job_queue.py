@@ -8,6 +8,7 @@ reach one of its ends and are dropped there, so leaving costs nothing here.
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 
 from .jobs import Job, Priority
@@ -20,9 +21,25 @@ class JobQueue:
 
     def __init__(self) -> None:
         self._lines: dict[Priority, deque[Job]] = {level: deque() for level in Priority}
+        self._arrived = asyncio.Event()  # set by push and wake
 
     def push(self, job: Job) -> None:
         self._lines[job.priority].append(job)
+        self._arrived.set()
+
+    def wake(self) -> None:
+        """End every `wait` now (the batcher is closing)."""
+        self._arrived.set()
+
+    async def wait(self, timeout_s: float | None) -> bool:
+        """Wait for the next push or wake, at most `timeout_s` (None: no limit); False when the time ran out."""
+        self._arrived.clear()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._arrived.wait()
+        except TimeoutError:
+            return False
+        return True
 
     def pop(self) -> Job | None:
         """The oldest queued job of the highest level; None when no job is queued."""

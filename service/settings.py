@@ -35,10 +35,16 @@ class Settings(BaseSettings):
     auto_export: bool = Field(True, description="Run the export stage at start when artifacts are missing or stale.")
     backend: Backend = Field("auto", description="Inference backend: auto picks the fastest available one.")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
-    cpu_precision: Literal["auto", "bf16", "fp32"] = Field(
+    cpu_precision: Literal["auto", "bf16", "int8", "fp32"] = Field(
         "auto",
-        description="OpenVINO's precision on CPU: auto = bf16 where the CPU has native bf16 and the export measured "
-        "it as safe, else fp32; bf16 is refused (the service does not start) when either is not so.",
+        description="OpenVINO's precision on CPU: auto = the fastest of bf16 and int8 that this CPU computes "
+        "natively and the export measured as safe on a CPU of this kind, else fp32; a forced bf16 or int8 is "
+        "refused (the service does not start) when it is not so.",
+    )
+    export_cpu_int8: bool = Field(
+        False,
+        description="When the service exports at start, also build and measure an OpenVINO int8 model (NNCF with "
+        "accuracy control; tens of seconds more) so that auto may serve int8 where it passed and is fastest.",
     )
     openvino_cache_dir: Path | None = Field(
         None, description="Compiled-model cache of the openvino backend; default: openvino_cache/ in `artifacts`."
@@ -55,6 +61,13 @@ class Settings(BaseSettings):
     )
     queue_capacity: int = Field(1024, ge=1, description="Queued images beyond which requests get 503 + Retry-After.")
     request_timeout_s: float = Field(30.0, gt=0, description="Deadline per request; past it the answer is 504.")
+    cache_mb: float = Field(
+        64.0,
+        ge=0,
+        description="Response cache size in MiB: answers to repeated uploads (same bytes, model version and "
+        "options) are served from memory, least recently used evicted first; 0 turns the cache off. 64 MiB holds "
+        "about 60,000 /classify answers without CAM (about 1 KiB each) or some 500 with CAM pictures.",
+    )
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest request body accepted (else 413).")
     max_image_pixels: int = Field(40_000_000, ge=1, description="Largest decoded image, width x height (else 413).")
     max_files: int = Field(64, ge=1, description="Most images in one request (multipart parts, or a v2 batch).")

@@ -196,3 +196,28 @@ def test_gpu_rows_are_one_per_column_and_batch(tmp_path):
 )
 def test_the_recorded_command_leaves_out_where_the_rows_went(argv):
     assert command(argv) == "python benchmarks/bench_v2_wire.py --batch 2"
+
+
+def test_cache_rows_are_the_printed_table(tmp_path, capsys):
+    bench = script("bench_cache")
+    figures = {
+        "on": {"no repeats": 20.0, "half repeating": 39.0, "all repeating": 300.0},
+        "off": {"no repeats": 20.2, "half repeating": 20.0, "all repeating": 20.0},
+        "ceiling": 380.0,
+        "idle": (60.0, 80.0),
+        "overload": (90.0, 200.0),
+    }
+    rows = bench.result_rows(figures)
+    assert [list(row) for row in rows] == [figure_columns("cache")] * len(rows)
+    bench.report(figures, rows)
+    printed = capsys.readouterr().out
+    assert all(f"{row['figure']:42s} {row['value']:6.2f}" in printed for row in rows)
+    assert [(row["value"], row["met"]) for row in rows] == [
+        (0.99, True),
+        (1.95, True),
+        (15.0, True),
+        (0.79, True),
+        (2.5, False),
+    ]
+    written = appended("cache", rows, tmp_path)
+    assert [row["figure"] for row in written] == [row["figure"] for row in rows]

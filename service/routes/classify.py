@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import time
+from dataclasses import astuple
+from functools import partial
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
 
-from ..classify_flow import RAW_CONTENT_TYPES, prepare_all, read_uploads, resolve_options, shape_result
-from ..dependencies import ApiKeyDep, RuntimeDep, StateDep
-from ..dispatch import infer, within_deadline
-from ..inference import PreparedImage
-from ..schemas import EXAMPLE_RESULT, BatchResult, ClassifyResult, ErrorBody, ErrorOut, ItemError
+from ..cache import CACHE_HEADER, cache_key
+from ..classify_flow import RAW_CONTENT_TYPES, answer_uploads, read_uploads, resolve_options
+from ..dependencies import ApiKeyDep, CacheDep, PolicyDep, RuntimeDep, StateDep
+from ..dispatch import within_deadline
+from ..schemas import EXAMPLE_RESULT, BatchResult, ClassifyResult, ErrorBody
 
 router = APIRouter(tags=["inference"])
 
@@ -29,7 +31,18 @@ CLASSIFY_OPENAPI = {
             **{t: {"schema": {"type": "string", "format": "binary"}} for t in RAW_CONTENT_TYPES},
         },
     },
-    "responses": {"200": {"content": {"application/json": {"example": EXAMPLE_RESULT}}}},
+    "responses": {
+        "200": {
+            "content": {"application/json": {"example": EXAMPLE_RESULT}},
+            "headers": {
+                CACHE_HEADER: {
+                    "description": "hit (from the response cache), miss (computed), bypass (Cache-Control: "
+                    "no-cache), off (VITAE_CACHE_MB=0)",
+                    "schema": {"type": "string"},
+                }
+            },
+        }
+    },
 }
 
 TopK = Annotated[int | None, Query(alias="top_k", ge=1, description="classes to return (1..K)", examples=[3])]
@@ -56,15 +69,16 @@ CamLayer = Annotated[
 
 
 ERRORS = {
-    400: "no image, or an image that cannot be decoded (the detail names what is accepted)",
+    400: "no image, an image that cannot be decoded, or a bad X-Priority or X-Request-Timeout (the detail names what "
+    "is accepted)",
     401: "VITAE_API_KEY is set and the request lacks it",
     408: "the body did not arrive within VITAE_BODY_TIMEOUT_S",
     413: "the body is over VITAE_MAX_UPLOAD_BYTES or an image over VITAE_MAX_IMAGE_PIXELS",
     415: "a content type that is neither multipart/form-data nor an image",
     404: "`model` names no served model (the detail lists them)",
     422: "a query parameter out of range or naming no class or cell",
-    503: "loading, or the queue is full (Retry-After says when to retry)",
-    504: "the request's work passed VITAE_REQUEST_TIMEOUT_S",
+    503: "loading, or the queue is full or shed this request for a more urgent one (Retry-After says when to retry)",
+    504: "the request's work passed its deadline (X-Request-Timeout, capped by VITAE_REQUEST_TIMEOUT_S)",
 }
 
 
@@ -79,28 +93,20 @@ async def classify(
     request: Request,
     state: StateDep,
     runtime: RuntimeDep,
+    policy: PolicyDep,
+    cache: CacheDep,
     _: ApiKeyDep,
     top_k_: TopK = None,
     cam: Cam = False,
     cam_class: CamClass = None,
     cam_layer: CamLayer = None,
     model: ModelName = None,  # read by RuntimeDep, which leases that model's live version
-) -> ClassifyResult | BatchResult:
+) -> Response:
     """Classify one image (multipart 'file' part or raw image body) or several ('file' parts, in order)."""
-    arrived = time.monotonic()
-    served = runtime.served
     opts = resolve_options(runtime, top_k_, cam, cam_class, cam_layer)
-    async with within_deadline(arrived + state.settings.request_timeout_s):
+    async with within_deadline(policy.deadline):
         uploads = await read_uploads(request, state.settings.max_files)
-        prepared = await prepare_all(state, served, uploads, keep_original=cam)
-        if len(prepared) == 1 and isinstance(prepared[0], HTTPException):
-            raise prepared[0]
-        good = [p for p in prepared if isinstance(p, PreparedImage)]
-        answers = iter(await infer(request, state, runtime, good, opts, arrived))
-        results = [
-            ItemError(error=ErrorOut(status=item.status_code, detail=str(item.detail)))
-            if isinstance(item, HTTPException)
-            else await shape_result(state, served, item, next(answers), opts.k, arrived)
-            for item in prepared
-        ]
-    return BatchResult(results=results) if len(uploads) > 1 else results[0]
+        key = cache_key("classify", runtime.served, astuple(opts), uploads) if cache.enabled else b""
+        compute = partial(answer_uploads, request, state, runtime, uploads, opts, policy)
+        body, source = await cache.answer(key, compute, lookup=policy.use_cache)
+    return Response(body, media_type="application/json", headers={CACHE_HEADER: source})

@@ -10,8 +10,8 @@ Every error of these routes, including the API key's 401 and the loading 503, an
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Coroutine
+from functools import partial
 from importlib import metadata
 from typing import Annotated, Any
 
@@ -24,13 +24,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import v2
 from ..artifacts import ServedArtifacts
-from ..dependencies import ApiKeyDep, RuntimeDep, StateDep
-from ..dispatch import Options, infer, within_deadline
+from ..cache import CACHE_HEADER
+from ..dependencies import ApiKeyDep, CacheDep, PolicyDep, RuntimeDep, StateDep
+from ..dispatch import Options, within_deadline
 from ..lifecycle import ServiceState, Status
 from ..middleware import BodyTooLarge
 from ..settings import Settings
 from ..tracing import step
-from ..v2.flow import cam_available, cam_target, check_outputs, model_inputs, output_tensor
+from ..v2.flow import cam_available, cam_target, check_outputs, compute_outputs, outputs_key, request_policy
 from ..v2.stats import model_stats
 
 
@@ -192,15 +193,20 @@ INFER_OPENAPI = {
 
 @both_paths(router.post, "/infer", summary="Inference", response_class=Response, openapi_extra=INFER_OPENAPI)
 async def model_infer(
-    request: Request, state: StateDep, runtime: RuntimeDep, served: ModelDep, _: ApiKeyDep
+    request: Request,
+    state: StateDep,
+    runtime: RuntimeDep,
+    served: ModelDep,
+    asked: PolicyDep,
+    cache: CacheDep,
+    _: ApiKeyDep,
 ) -> Response:
     """Classify a batch given as `images` or `image_bytes`; JSON or binary tensor data, in and out."""
-    arrived = time.monotonic()
     with step("read body") as span:
         body = await request.body()
         span.set_attribute("vitae.request.bytes", len(body))
     # One deadline over every step after the body arrived: parsing, decoding, inference and encoding.
-    async with within_deadline(arrived + state.settings.request_timeout_s):
+    async with within_deadline(asked.deadline):
         with step("parse body"):
             parsed = await off_the_loop_when_large(len(body), parse_body, body, request.headers, state.settings)
         sig = v2.signature(served, cam=cam_available(runtime))
@@ -208,16 +214,18 @@ async def model_infer(
         check_outputs(wanted, sig, served)
         cam = any(out.name == v2.CAM for out in wanted)
         target, layer = cam_target(parsed.parameters, served, runtime) if cam else (None, None)
-        images = await model_inputs(parsed.inputs, sig, state, served)
-        answers = await infer(
-            request, state, runtime, images, Options(k=0, cam=cam, target=target, layer=layer), arrived
-        )
-        with step("encode response"):  # the outputs asked for (the CAM's map among them), then the wire format
-            outputs = [(output_tensor(out, answers, served), out.binary) for out in wanted]
-            content, headers = await off_the_loop_when_large(
-                len(body), v2.encode_infer_response, served.name, served.version, parsed.id, outputs
-            )
-    return Response(content, headers=headers)
+        policy = request_policy(asked, parsed.parameters, state.settings.request_timeout_s)
+        opts = Options(k=0, cam=cam, target=target, layer=layer)
+        compute = partial(compute_outputs, request, state, runtime, parsed.inputs, sig, wanted, opts, policy)
+        key = outputs_key(served, wanted, (target, layer), parsed.inputs)
+        async with within_deadline(policy.deadline):
+            tensors, source = await cache.answer(key, compute, lookup=policy.use_cache) if key else (await compute())
+            outputs = [(tensor, out.binary) for tensor, out in zip(tensors, wanted, strict=True)]
+            with step("encode response"):
+                content, headers = await off_the_loop_when_large(
+                    len(body), v2.encode_infer_response, served.name, served.version, parsed.id, outputs
+                )
+    return Response(content, headers=headers | ({CACHE_HEADER: source} if key else {}))
 
 
 # Bodies at least this large are parsed (and their answers encoded) on a worker thread: a 16 MB JSON body takes

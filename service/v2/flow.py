@@ -1,7 +1,9 @@
 """One v2 infer request against the served model, in the order the route calls these around `dispatch.infer`.
 
-check_outputs (the outputs asked for) -> cam_target (the CAM's class and cell) -> model_inputs (the one input
--> prepared images) -> service.dispatch.infer -> output_tensor (answers -> each output asked for).
+check_outputs (the outputs asked for) -> cam_target (the CAM's class and cell) -> request_policy (priority and
+deadline from the parameters) -> compute_outputs: model_inputs (the one input -> prepared images) ->
+service.dispatch.infer -> output_tensor (answers -> each output asked for). For `image_bytes` inputs the response
+cache (service.cache, keyed by `outputs_key`) runs compute_outputs only on a miss.
 """
 
 from __future__ import annotations
@@ -11,15 +13,17 @@ import binascii
 from typing import Any
 
 import numpy as np
-from fastapi import HTTPException
+from fastapi import HTTPException, Request
 
 from ..artifacts import ServedArtifacts
+from ..cache import cache_key
 from ..classify_flow import prepare_all, resolve_cam_layer
-from ..dispatch import Answer
+from ..dispatch import Answer, Options, infer
 from ..inference import PreparedImage
 from ..lifecycle import Runtime, ServiceState
 from ..numerics import range_problem
 from ..postprocess import normalize_cam
+from ..request_policy import RequestPolicy, with_parameters
 from . import (
     IMAGE_BYTES,
     IMAGES,
@@ -128,3 +132,41 @@ def output_tensor(out: RequestedOutput, answers: list[Answer], served: ServedArt
         return Tensor(out.name, "FP32", tokens.shape, tokens)
     cams = normalize_cam(np.stack([a.cam_raw for a in answers])).astype(np.float32)  # (B, h, w)
     return Tensor(out.name, "FP32", cams.shape, cams)
+
+
+def request_policy(policy: RequestPolicy, parameters: dict[str, Any], limit_s: float) -> RequestPolicy:
+    """The headers' policy with the request's `priority` and `timeout` (seconds) parameters over it."""
+    try:
+        return with_parameters(policy, parameters, limit_s)
+    except ValueError as exc:
+        raise ProtocolError(str(exc)) from None
+
+
+def outputs_key(
+    served: ServedArtifacts, wanted: list[RequestedOutput], cam: tuple, inputs: list[Tensor]
+) -> bytes | None:
+    """The response cache's key for encoded images (None for `images`, whose pixels are not worth hashing)."""
+    if len(inputs) != 1 or inputs[0].name != IMAGE_BYTES:
+        return None
+    (tensor,) = inputs
+    options = (tuple((out.name, out.classification) for out in wanted), cam, tensor.binary)
+    return cache_key("v2", served, options, tensor.data)
+
+
+async def compute_outputs(
+    request: Request,
+    state: ServiceState,
+    runtime: Runtime,
+    inputs: list[Tensor],
+    sig: Signature,
+    wanted: list[RequestedOutput],
+    opts: Options,
+    policy: RequestPolicy,
+) -> tuple[list[Tensor], int]:
+    """Every output asked for, and their size in bytes (what the response cache counts)."""
+    served = runtime.served
+    images = await model_inputs(inputs, sig, state, served)
+    answers = await infer(request, runtime, images, opts, policy)
+    tensors = [output_tensor(out, answers, served) for out in wanted]
+    size = sum(t.data.nbytes if isinstance(t.data, np.ndarray) else sum(map(len, t.data)) for t in tensors)
+    return tensors, size
