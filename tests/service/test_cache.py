@@ -16,6 +16,7 @@ from support.gated import GatedBackend, wait_for
 from support.images import sample_images
 from support.server import metric, running, serving, settings_for
 
+from benchmarks.harness import publish_version
 from model.checkpoint import checkpoint_metadata, save_checkpoint
 from service import create_app
 from service.cache import ENTRY_OVERHEAD, ResponseCache
@@ -115,6 +116,26 @@ def test_another_model_under_the_same_cache_never_gets_the_old_answer(artifacts,
     assert new.headers["x-cache"] == "miss" and again.headers["x-cache"] == "hit"
     assert new.json()["predictions"] != old.json()["predictions"]
     assert len(first.state.cache) == 2
+
+
+def test_a_new_version_put_live_never_gets_the_old_versions_answer(tmp_path, artifacts, other_weights):
+    repo = tmp_path / "repo"
+    (repo / "tiny").mkdir(parents=True)
+    publish_version(repo, "tiny", "1", artifacts)
+    image = sample_images(1)[0]
+    with serving(artifacts, model_repository=repo, model_poll_s=0.1, **CACHE_ON) as url:
+        old = classify(url, image)
+        assert classify(url, image).headers["x-cache"] == "hit"
+        publish_version(repo, "tiny", "2", other_weights)
+
+        def live_version() -> str:
+            return next(m for m in httpx.get(f"{url}/models").json()["models"] if m["name"] == "tiny")["version"]
+
+        wait_for(lambda: live_version() == "2", "version 2 live")
+        new = classify(url, image)
+    assert old.json()["model"]["version"] == "1" and new.json()["model"]["version"] == "2"
+    assert new.headers["x-cache"] == "miss"
+    assert new.json()["predictions"] != old.json()["predictions"]
 
 
 def test_concurrent_identical_requests_are_computed_once(artifacts):
