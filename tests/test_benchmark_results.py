@@ -144,6 +144,19 @@ def test_v2_wire_rows_give_each_encodings_body_and_parse_time(tmp_path):
     ]
 
 
+def test_tracing_rows_give_each_mode_and_its_ratio_to_off(tmp_path):
+    bench = script("bench_tracing")
+    run = {"images_per_s": 17.0, "p50": 900.0, "p95": 1100.0, "cpu_ms_per_image": 110.0, "spans_dropped": 0.0}
+    runs = {"off": [run, run | {"images_per_s": 18.0}], "on": [run | {"images_per_s": 17.1}, run]}
+    rows = bench.result_rows(runs, clients=16, spans=2400)
+    assert [list(row) for row in rows] == [figure_columns("tracing")] * 2
+    written = appended("tracing", rows, tmp_path)
+    assert [(r["tracing"], r["images_per_s"], r["vs_off"], r["spans_received"]) for r in written] == [
+        ("off", "17.5", "1", "0"),
+        ("on, every request sampled", "17.05", "0.974", "2400"),
+    ]
+
+
 def test_int8_rows_leave_top1_blank_without_labels(tmp_path):
     bench = script("bench_int8")
     figures = [
