@@ -1,6 +1,6 @@
 """What tracing costs: ViTAE-T over HTTP with tracing off and on (every request sampled), in one run (not a test).
 
-    python benchmarks/bench_tracing.py [--requests 192] [--concurrency 16] [--rounds 2] [--trace-image PATH]
+    python benchmarks/bench_tracing.py [--requests 192] [--concurrency 16] [--rounds 3] [--trace-image PATH]
 
 Exports ViTAE-T at 224 (the release's weights from ../shared/reference when present, else random weights), then
 starts `python -m service` (backend auto) once per mode and round, off and on alternately so that drift on a shared
@@ -38,7 +38,8 @@ def measure_mode(mode: str, artifacts: Path, jpegs: list[bytes], args, receiver:
     """One `python -m service` with tracing `mode`, under the closed loop; drive()'s figures and dropped spans."""
     port = free_port()
     env = service_env(artifacts, port, backend="auto", device="cpu", max_delay_ms=10, request_timeout_s=300)
-    env |= {"VITAE_QUEUE_CAPACITY": "4096", "OTEL_TRACES_EXPORTER": "none"}
+    # The response cache off: the photos repeat, and a cached answer would measure neither inference nor its spans.
+    env |= {"VITAE_QUEUE_CAPACITY": "4096", "VITAE_CACHE_MB": "0", "OTEL_TRACES_EXPORTER": "none"}
     if mode == "on":
         env |= tracing_env(receiver.endpoint)
         del env["OTEL_BSP_SCHEDULE_DELAY"]  # the SDK's default schedule, as a deployment would run it
@@ -64,6 +65,9 @@ def report(runs: dict[str, list[dict]], spans: int) -> dict[str, float]:
         print(f"tracing {mode:3s}: median {medians[mode]:6.1f} images/s (rounds: {rounds})")
     verdict = "meets" if ratio >= GOAL else "misses"
     print(f"tracing on / off: {ratio:.3f} ({verdict} the goal of >= {GOAL}); {spans} spans received")
+    # The server's CPU time per image is the steadier figure on a shared machine, where throughput drifts.
+    cpu = {mode: statistics.median(r["cpu_ms_per_image"] for r in runs[mode]) for mode in MODES}
+    print(f"server CPU per image: off {cpu['off']:.1f} ms, on {cpu['on']:.1f} ms ({cpu['on'] / cpu['off']:.3f})")
     return medians
 
 
@@ -97,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", default="vitae_t")
     parser.add_argument("--requests", type=int, default=192, help="requests per measurement")
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=2, help="measurements per mode, off and on alternately")
+    parser.add_argument("--rounds", type=int, default=3, help="measurements per mode, off and on alternately")
     parser.add_argument("--trace-image", type=Path, default=None, help="draw one batched request's trace here")
     add_record_option(parser)
     args = parser.parse_args(argv)

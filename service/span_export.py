@@ -77,7 +77,7 @@ def build_provider(exporters: tuple[str, ...], protocol: str, metrics: Metrics |
     resource = Resource.create()  # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES
     if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
         resource = resource.merge(Resource({"service.name": default_name}))
-    provider = TracerProvider(resource=resource)
+    provider = TracerProvider(resource=resource, shutdown_on_exit=False)  # the lifespan shuts it down
     for name in exporters:
         exporter = CountingExporter(span_exporter(name, protocol), metrics)
         provider.add_span_processor(CountingBatchSpanProcessor(exporter, metrics))
