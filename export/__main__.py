@@ -36,6 +36,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-tensorrt", action="store_true", help="build no TensorRT plan even where TensorRT and a GPU are present"
     )
+    parser.add_argument(
+        "--cpu-int8",
+        action="store_true",
+        help="also build an OpenVINO int8 model (NNCF with accuracy control) and measure it against fp32 here",
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even when the artifacts are current")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     return parser.parse_args(argv)
@@ -58,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             force=args.force,
             labels=labels,
             tensorrt=not args.no_tensorrt,
+            cpu_int8=args.cpu_int8,
         )
     # CheckpointError, GraphCheckError and LabelsError are ValueErrors, ParityError a RuntimeError.
     except (OSError, ValueError, RuntimeError) as exc:
@@ -66,15 +72,27 @@ def main(argv: list[str] | None = None) -> int:
     meta = ArtifactsMetadata.from_dict(written)
     print(f"{meta.name} {meta.version}: {', '.join(meta.files.values())} in {args.out}")
     bf16 = meta.cpu_bf16 or {}
-    verdict = {True: "safe", False: "unsafe", None: "not measured"}[bf16.get("safe")]
-    print(f"CPU bf16 {verdict} ({bf16.get('reason')})")
+    print(f"CPU bf16 {verdict_word(bf16.get('safe'))} ({bf16.get('reason')})")
     if bf16.get("safe") is not None:
         print(
             f"  top-1 agreement {bf16['top1_agreement']} %, max logit diff {bf16['max_logit_diff']} "
             f"on {bf16['inputs']}; top-1 bf16 {bf16['bf16_top1']} vs fp32 {bf16['fp32_top1']}; "
             f"{bf16['bf16_images_per_s']} vs fp32 {bf16['fp32_images_per_s']} images/s"
         )
+    if meta.cpu_int8:
+        int8 = meta.cpu_int8
+        print(f"CPU int8 {verdict_word(int8.get('safe'))} ({int8.get('reason')})")
+        if int8.get("safe") is not None:
+            print(
+                f"  top-1 agreement {int8['top1_agreement']} % on {int8['inputs']}; top-1 int8 {int8['int8_top1']} "
+                f"vs fp32 {int8['fp32_top1']}; {int8['int8_images_per_s']} vs fp32 {int8['fp32_images_per_s']} "
+                f"(bf16 {int8['bf16_images_per_s']}) images/s"
+            )
     return 0
+
+
+def verdict_word(safe: bool | None) -> str:
+    return {True: "safe", False: "unsafe", None: "not measured"}[safe]
 
 
 if __name__ == "__main__":

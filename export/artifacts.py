@@ -80,6 +80,7 @@ class ArtifactsMetadata:
     fingerprint: str | None = None
     parity: dict[str, Any] | None = None
     cpu_bf16: dict[str, Any] | None = None  # OpenVINO bf16 against fp32 on this CPU (export.precision)
+    cpu_int8: dict[str, Any] | None = None  # OpenVINO int8 (NNCF) against fp32 on this CPU (export.int8)
     tensorrt: dict[str, Any] | None = None  # what the plan is tied to: version, gpu_name, compute_capability, ...
     versions: dict[str, Any] | None = None
     exported_at: str | None = None

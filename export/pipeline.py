@@ -49,6 +49,7 @@ from .engine.parity import engine_parity
 from .fold import fold_batchnorms
 from .graph import check_graph
 from .inputs import model_inputs
+from .int8 import INT8_BIN, INT8_XML, measure_int8
 from .labels import labels_digest
 from .onnx_export import INPUT_NAME, OPSET, export_onnx, token_count
 from .parity import TOLERANCE_FP32, check_parity
@@ -85,6 +86,7 @@ class ExportOptions:
     force: bool = False
     labels: Sequence[str] | None = None
     tensorrt: bool = True
+    cpu_int8: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_batch, int) or self.max_batch < 1:
@@ -97,7 +99,8 @@ class ExportOptions:
     def settings(self) -> dict[str, Any]:
         """The options that shape the artifacts, as metadata.json records them."""
         settings = {"max_batch": self.max_batch, "precision": self.precision, "opset": OPSET}
-        return settings if self.tensorrt else settings | {"tensorrt": False}  # recorded only when turned off
+        settings |= {} if self.tensorrt else {"tensorrt": False}  # recorded only when turned off
+        return settings | ({"cpu_int8": True} if self.cpu_int8 else {})  # ...and this one only when on
 
     def fingerprint(self, checkpoint: Path, checkpoint_sha: str) -> str:
         """What the artifacts are a function of: the checkpoint (weights and its JSON), the request, the exporter."""
@@ -143,6 +146,9 @@ def _artifacts_staleness(out: Path, fingerprint: str) -> str | None:
             return "bf16 was not measured where the export ran, and this CPU has native bf16"
         if measured.get("cpu_kind") != cpu_kind(cpu_flags()):
             return f"bf16 was measured on a CPU of another kind ({measured.get('cpu_kind')}), not on this one"
+    int8 = meta.cpu_int8 or {}
+    if meta.settings.get("cpu_int8") and int8.get("cpu_kind") not in (None, cpu_kind(cpu_flags())):
+        return f"int8 was measured on a CPU of another kind ({int8.get('cpu_kind')}), not on this one"
     return plan_outdated(meta.tensorrt) if meta.settings.get("tensorrt", True) else None
 
 
@@ -249,8 +255,11 @@ def _build(source: Source, options: ExportOptions, staging: Path, previous: Path
     parity, images = _parity_step(model, staging, options.max_batch)
     _weights_step(model, staging)
     cpu_bf16 = _bf16_step(source, staging, images)
+    cpu_int8 = _int8_step(source, staging, images, files) if options.cpu_int8 else None
     tensorrt = _tensorrt_step(model, options, staging, previous, files, parity_images=(images, parity["inputs"]))
-    return _metadata(source, options, staging, files, parity=parity, cpu_bf16=cpu_bf16, tensorrt=tensorrt)
+    return _metadata(
+        source, options, staging, files, parity=parity, cpu_bf16=cpu_bf16, cpu_int8=cpu_int8, tensorrt=tensorrt
+    )
 
 
 def _onnx_step(model: ViTAE, staging: Path) -> None:
@@ -296,6 +305,16 @@ def _bf16_step(source: Source, staging: Path, images: np.ndarray) -> dict[str, A
             report.bf16_images_per_s,
             report.fp32_images_per_s,
         )
+    return dataclasses.asdict(report)
+
+
+def _int8_step(source: Source, staging: Path, images: np.ndarray, files: dict[str, str]) -> dict[str, Any]:
+    """OpenVINO int8 with accuracy control against fp32 on this CPU (export.int8); its IR joins `files` when built."""
+    with step("int8 (NNCF, accuracy control) against fp32 on this CPU (OpenVINO)"):
+        report = measure_int8(staging / ONNX, staging, source.model.config.preprocessing, source.class_names, images)
+        log.info("int8: %s (%s)", {True: "safe", False: "unsafe", None: "not measured"}[report.safe], report.reason)
+    if (staging / INT8_XML).is_file():
+        files["int8"], files["int8_weights"] = INT8_XML, INT8_BIN
     return dataclasses.asdict(report)
 
 

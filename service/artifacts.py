@@ -164,7 +164,8 @@ def ensure_artifacts(settings: Settings) -> ServedArtifacts:
     if settings.auto_export and ours and checkpoint.is_file():
         # Keep the options the folder was exported with (precision, ...); a fresh folder gets ours.
         options = dict(existing.settings if existing else {}, max_batch=settings.max_batch_size)
-        options = {k: options[k] for k in ("max_batch", "precision", "tensorrt") if k in options}
+        options = {k: options[k] for k in ("max_batch", "precision", "tensorrt", "cpu_int8") if k in options}
+        options["cpu_int8"] = options.get("cpu_int8", False) or settings.export_cpu_int8
         if existing and existing.class_names_source == "labels" and _same_file(exported_from, checkpoint):
             options["labels"] = existing.class_names  # names given with --labels outlive a re-export
         problem = existing.integrity_problem(folder) if existing else None

@@ -70,16 +70,16 @@ def create_backend(
 ) -> Backend:
     """Build one named backend on `device` ('auto', 'cpu', 'cuda[:N]'); BackendUnavailable when it cannot run.
 
-    `cpu_precision` (auto, bf16, fp32) applies on CPU; bf16 there is OpenVINO's, so asking another CPU
-    backend for it raises PrecisionRefused rather than quietly serving fp32. `streams` (0: the backend's
+    `cpu_precision` (auto, bf16, int8, fp32) applies on CPU; bf16 and int8 there are OpenVINO's, so asking another
+    CPU backend for them raises PrecisionRefused rather than quietly serving fp32. `streams` (0: the backend's
     choice) is how many batches OpenVINO and ONNX Runtime compute at once on CPU; the others run one.
     """
     gpu = wants_gpu(device)
     if gpu is None:
         gpu = cuda_device_count() > 0 or name == "tensorrt"
         device = "cuda" if gpu else "cpu"
-    if not gpu and cpu_precision == "bf16" and name != "openvino":
-        raise PrecisionRefused(f"VITAE_CPU_PRECISION=bf16 is served by the openvino backend, not {name}")
+    if not gpu and cpu_precision in ("bf16", "int8") and name != "openvino":
+        raise PrecisionRefused(f"VITAE_CPU_PRECISION={cpu_precision} is served by the openvino backend, not {name}")
     if name == "openvino":
         if gpu:
             raise BackendUnavailable("this service runs OpenVINO on the CPU only; set VITAE_DEVICE=cpu")

@@ -1,14 +1,13 @@
-"""The OpenVINO CPU backend and the choice of its precision (bf16 or fp32).
+"""The OpenVINO CPU backend: model.onnx (fp32, bf16) or the export's int8 model, compiled once.
 
-bf16 roughly doubles the throughput of a CPU with native bf16 (AVX512_BF16 or AMX). It is used only
-where the export measured it as safe for this model (metadata.json, `cpu_bf16`), and only on such a CPU.
+The precision comes from `cpu_precision.choose_cpu_precision`: a reduced one only where the CPU computes it
+natively and the export measured it as safe for this model on a CPU of this kind.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,59 +15,32 @@ import numpy as np
 
 from ..artifacts import ServedArtifacts
 from .base import BackendUnavailable
+from .cpu_precision import PrecisionChoice, PrecisionRefused, choose_cpu_precision
+
+__all__ = ["OpenVINOBackend", "PrecisionChoice", "PrecisionRefused", "choose_cpu_precision", "cpu_facts"]
 
 log = logging.getLogger(__name__)
 
-CPU_PRECISION_CHOICES = ("auto", "bf16", "fp32")
 CACHE_FOLDER = "openvino_cache"
 
 
-class PrecisionRefused(RuntimeError):
-    """bf16 was asked for but cannot be served safely here; the message says why and what to do."""
+def cpu_facts(served: ServedArtifacts) -> dict[str, Any]:
+    """choose_cpu_precision's arguments about this CPU and what the export measured for `served`."""
+    from export.int8 import native_int8
+    from export.precision import cpu_flags, cpu_kind, this_cpu_has_native_bf16
 
-
-@dataclass(frozen=True)
-class PrecisionChoice:
-    precision: str  # "bf16" or "fp32"
-    reason: str
-
-
-def choose_cpu_precision(
-    requested: str, native_bf16: bool, export_report: dict[str, Any] | None, cpu_kind: str | None = None
-) -> PrecisionChoice:
-    """The CPU precision to serve, from the setting, the CPU's bf16 support and kind, and the export's measurement.
-
-    auto -> bf16 when the CPU has native bf16 and the export measured bf16 as safe on a CPU of the same kind
-    (export.precision.cpu_kind: AMX and AVX-512 bf16 run different kernels), else fp32;
-    bf16 -> bf16 under the same conditions, else PrecisionRefused; fp32 -> fp32.
-    """
-    if requested not in CPU_PRECISION_CHOICES:
-        raise ValueError(f"VITAE_CPU_PRECISION must be one of {', '.join(CPU_PRECISION_CHOICES)}, got {requested!r}")
-    if requested == "fp32":
-        return PrecisionChoice("fp32", "VITAE_CPU_PRECISION=fp32")
-    report = export_report or {}
-    safe = report.get("safe")
-    if not native_bf16:
-        why = "this CPU has no native bf16 (AVX512_BF16 or AMX)"
-    elif safe is None:
-        why = "the export did not measure bf16 for this model (" + (report.get("reason") or "no cpu_bf16 record") + ")"
-    elif not safe:
-        why = f"the export measured bf16 as unsafe for this model ({report.get('reason')})"
-    elif cpu_kind and report.get("cpu_kind") and report["cpu_kind"] != cpu_kind:
-        why = (
-            f"the export measured bf16 on a CPU of another kind ({report['cpu_kind']}, this one is {cpu_kind}); "
-            "export again on this machine to measure it here"
-        )
-    else:
-        figures = f"top-1 agreement {report.get('top1_agreement')} %, max logit diff {report.get('max_logit_diff')}"
-        return PrecisionChoice("bf16", f"VITAE_CPU_PRECISION={requested}: native bf16, measured safe ({figures})")
-    if requested == "bf16":
-        raise PrecisionRefused(f"VITAE_CPU_PRECISION=bf16 refused: {why}; use auto or fp32")
-    return PrecisionChoice("fp32", f"VITAE_CPU_PRECISION=auto: fp32 because {why}")
+    flags = cpu_flags()
+    return dict(
+        native_bf16=this_cpu_has_native_bf16(),
+        export_report=served.metadata.cpu_bf16,
+        cpu_kind=cpu_kind(flags),
+        native_int8=native_int8(flags),
+        int8_report=served.metadata.cpu_int8,
+    )
 
 
 class OpenVINOBackend:
-    """model.onnx compiled once by OpenVINO's CPU plugin, in bf16 or fp32 (see choose_cpu_precision).
+    """model.onnx (fp32, bf16) or the int8 model, compiled once by OpenVINO's CPU plugin (choose_cpu_precision).
 
     The compiled model is cached in `cache_dir` (default: openvino_cache/ in the artifacts folder), so
     a restart loads it instead of compiling again.
@@ -95,23 +67,22 @@ class OpenVINOBackend:
             import openvino  # noqa: F401
         except ImportError as exc:
             raise BackendUnavailable(f"the openvino package is not installed ({exc})") from exc
-        from export.precision import compile_cpu, cpu_flags, cpu_kind, this_cpu_has_native_bf16
+        from export.precision import compile_cpu
 
-        path = served.file("onnx")
-        if path is None:
-            raise BackendUnavailable(f"no ONNX model (files.onnx) in {served.folder}")
-        choice = choose_cpu_precision(
-            precision, this_cpu_has_native_bf16(), served.metadata.cpu_bf16, cpu_kind(cpu_flags())
-        )
+        choice = choose_cpu_precision(precision, **cpu_facts(served))
         self.precision, self.precision_reason = choice.precision, choice.reason
+        # int8: the export's quantized model, its other layers in fp32 as measured; else model.onnx.
+        role = "int8" if choice.precision == "int8" else "onnx"
+        path = served.file(role)
+        if path is None:
+            raise BackendUnavailable(f"no {role} model (files.{role}) in {served.folder}")
+        compute = "fp32" if choice.precision == "int8" else choice.precision
         self.cache_dir = cache_dir or served.folder / CACHE_FOLDER
         try:
-            self.compiled = compile_cpu(
-                path, choice.precision, threads=threads, streams=streams, cache_dir=self.cache_dir
-            )
-        except PermissionError:  # a read-only artifacts folder: compile every start rather than not serve
-            log.warning("cannot write the OpenVINO cache in %s; compiling without it", self.cache_dir)
-            self.compiled = compile_cpu(path, choice.precision, threads=threads, streams=streams)
+            self.compiled = compile_cpu(path, compute, threads=threads, streams=streams, cache_dir=self.cache_dir)
+        except OSError as exc:  # a read-only artifacts folder: compile every start rather than not serve
+            log.warning("cannot write the OpenVINO cache in %s (%s); compiling without it", self.cache_dir, exc)
+            self.compiled = compile_cpu(path, compute, threads=threads, streams=streams)
         self.streams = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         self._requests: queue.SimpleQueue | None = queue.SimpleQueue()  # the idle infer requests, one per stream
         for _ in range(self.streams):

@@ -1,0 +1,196 @@
+"""CPU int8: an OpenVINO int8 model from NNCF post-training quantization with accuracy control, measured at export.
+
+Offered only where the CPU multiplies int8 natively (AVX-512 VNNI, AVX-VNNI or AMX-INT8): elsewhere OpenVINO
+emulates it and it is slower than fp32. The steps, in order:
+
+1. calibrate   on images the evaluation never sees (Fashion-MNIST training images for a Fashion-MNIST
+               classifier, else the stand-ins after the evaluation's own);
+2. quantize    with NNCF's accuracy control: layers go back to full precision, most harmful first, until int8
+               loses at most MAX_TOP1_DROP points on validation images that are neither calibration nor
+               evaluation images; the Performer kernel is never quantized (as in the FP16 engine,
+               `export.engine.fp16_graph.PERFORMER_KERNEL`: its log-domain features do not survive 8 bits);
+3. measure     against fp32 on the export's evaluation images (`export.precision.evaluation_inputs`): top-1
+               agreement, top-1 on labelled images, and images/s of fp32, bf16 (where native) and int8;
+4. judge       safe when agreement >= MIN_AGREEMENT % and, on labelled images, top-1 loss <= MAX_TOP1_DROP.
+
+The model is written as OpenVINO IR beside model.onnx (INT8_XML, INT8_BIN) and recorded under `cpu_int8`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from model.config import Preprocessing
+from model.data import FASHION_MNIST_CLASSES, load_fashion_mnist
+from model.preprocess import preprocess
+
+from .engine.fp16_graph import PERFORMER_KERNEL
+from .inputs import model_inputs
+from .precision import (
+    MIN_AGREEMENT,
+    compare_logits,
+    compile_cpu,
+    cpu_flags,
+    cpu_kind,
+    evaluation_inputs,
+    images_per_second,
+    native_bf16,
+    openvino_capabilities,
+    run_logits,
+)
+
+log = logging.getLogger(__name__)
+
+INT8_XML, INT8_BIN = "model_int8.xml", "model_int8.bin"
+# cpuinfo flags of native int8 dot products: AVX-512 VNNI (Cascade Lake, Zen 4), AVX-VNNI (Alder Lake), AMX-INT8.
+INT8_CPU_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+MAX_TOP1_DROP = 0.2  # points of top-1, as for bf16
+CALIBRATION_IMAGES = 300
+VALIDATION_IMAGES = 500
+# Bounds on the accuracy restorer, so an export takes minutes, not hours: at most this many layer groups go back
+# to full precision (then the model is judged as it stands), each ranked on this many validation images.
+MAX_RESTORED_GROUPS = 8
+RANKING_IMAGES = 100
+
+
+def native_int8(flags: Iterable[str]) -> bool:
+    """Whether a CPU multiplies int8 natively, from its /proc/cpuinfo flags."""
+    return bool(INT8_CPU_FLAGS & {f.lower() for f in flags})
+
+
+@dataclass(frozen=True)
+class Int8Report:
+    """What metadata.json records under `cpu_int8`; `safe` is None when it was not measured."""
+
+    safe: bool | None
+    reason: str
+    inputs: str = ""
+    images: int = 0
+    top1_agreement: float | None = None  # % of images where int8 and fp32 pick the same class
+    fp32_top1: float | None = None  # % correct, labelled inputs only
+    int8_top1: float | None = None
+    fp32_images_per_s: float | None = None
+    bf16_images_per_s: float | None = None  # None where the CPU has no native bf16
+    int8_images_per_s: float | None = None
+    cpu_kind: str | None = None  # the verdict holds for this kind of CPU only (export.precision.cpu_kind)
+    quantize_s: float | None = None
+
+
+def int8_verdict(agreement: float, fp32_top1: float | None, int8_top1: float | None) -> tuple[bool, str]:
+    """Safe when int8 picks fp32's class on >= MIN_AGREEMENT % of images and loses <= MAX_TOP1_DROP points."""
+    if agreement < MIN_AGREEMENT:
+        return False, f"int8 agrees with fp32 on {agreement:.2f} % of images, below {MIN_AGREEMENT} %"
+    if fp32_top1 is not None and int8_top1 is not None and fp32_top1 - int8_top1 > MAX_TOP1_DROP:
+        return False, f"int8 loses {fp32_top1 - int8_top1:.2f} points of top-1, more than {MAX_TOP1_DROP}"
+    return True, f"top-1 agreement >= {MIN_AGREEMENT} % and top-1 loss <= {MAX_TOP1_DROP} points"
+
+
+def tuning_images(prep: Preprocessing, class_names: list[str], measured: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """Calibration images (N, C, S, S) and validation images (V, C, S, S), none of them among the `measured`
+    evaluation images, and where they came from."""
+    wanted = CALIBRATION_IMAGES + VALIDATION_IMAGES
+    if list(class_names) == list(FASHION_MNIST_CLASSES):
+        try:
+            pixels, _ = load_fashion_mnist(split="train")
+        except (FileNotFoundError, ValueError, OSError):
+            pixels = None
+        if pixels is not None:
+            images = np.stack([preprocess(Image.fromarray(p, "L"), prep) for p in pixels[-wanted:]])
+            return images[:CALIBRATION_IMAGES], images[CALIBRATION_IMAGES:], f"{wanted} Fashion-MNIST training images"
+    images, _ = model_inputs(prep, measured + wanted)
+    return (
+        images[measured : measured + CALIBRATION_IMAGES],
+        images[measured + CALIBRATION_IMAGES :],
+        (f"{wanted} stand-ins after the evaluation's"),
+    )
+
+
+def quantize(
+    onnx_path: Path, calibration: np.ndarray, validation: np.ndarray, reference: np.ndarray, out: Path
+) -> Path:
+    """NNCF int8 of `onnx_path` with accuracy control: validation top-1 against `reference` classes (V,) may drop
+    by at most MAX_TOP1_DROP points. Saved as OpenVINO IR at `out` (.xml, with its .bin)."""
+    import nncf
+    import openvino as ov
+    from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
+
+    def top1(compiled: Any, items: Iterable[tuple[np.ndarray, int]]) -> tuple[float, list[float]]:
+        """Top-1 against `reference`, and each image's 0/1 (NNCF ranks layer groups by the per-image values)."""
+        hits = [float(compiled(image)[compiled.output(0)].argmax() == label) for image, label in items]
+        return float(np.mean(hits)), hits
+
+    # One image per item: NNCF draws its ranking subset by item and reads per-item values.
+    items = [(validation[i : i + 1], int(reference[i])) for i in range(len(validation))]
+    int8 = nncf.quantize_with_accuracy_control(
+        ov.Core().read_model(str(onnx_path)),
+        nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))]),
+        nncf.Dataset(items),
+        validation_fn=top1,
+        max_drop=MAX_TOP1_DROP / 100,
+        drop_type=nncf.DropType.ABSOLUTE,
+        model_type=nncf.ModelType.TRANSFORMER,
+        ignored_scope=nncf.IgnoredScope(patterns=[PERFORMER_KERNEL.pattern], validate=False),
+        subset_size=len(calibration),
+        advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
+            max_num_iterations=MAX_RESTORED_GROUPS, ranking_subset_size=RANKING_IMAGES, num_ranking_workers=1
+        ),
+    )
+    ov.save_model(int8, str(out), compress_to_fp16=False)
+    return out
+
+
+def measure_int8(
+    onnx_path: Path,
+    out_dir: Path,
+    prep: Preprocessing,
+    class_names: list[str],
+    speed_batch: np.ndarray,
+    *,
+    flags: frozenset[str] | None = None,
+) -> Int8Report:
+    """Quantize `onnx_path` into `out_dir` (INT8_XML) and measure it against fp32 (see the module's steps).
+
+    `flags` stand for this CPU's /proc/cpuinfo flags where given, as tests do.
+    """
+    flags = cpu_flags() if flags is None else flags
+    if not native_int8(flags):
+        return Int8Report(None, "this CPU has no native int8 (AVX512_VNNI, AVX_VNNI or AMX_INT8); not measured")
+    try:
+        import nncf  # noqa: F401
+    except ImportError:
+        return Int8Report(None, "the nncf package is not installed (pip install nncf); not measured")
+    images, labels, origin = evaluation_inputs(prep, class_names)
+    fp32 = compile_cpu(onnx_path, "fp32")
+    fp32_logits = run_logits(fp32, images)  # (N, K)
+    calibration, validation, tuned_on = tuning_images(prep, class_names, len(images))
+    reference = run_logits(fp32, validation).argmax(1)  # (V,) validation is judged against fp32's classes
+    start = time.perf_counter()
+    quantize(onnx_path, calibration, validation, reference, out_dir / INT8_XML)
+    seconds = time.perf_counter() - start
+    int8 = compile_cpu(out_dir / INT8_XML, "fp32")
+    agreement, fp32_top1, int8_top1 = compare_logits(fp32_logits, run_logits(int8, images), labels)
+    safe, reason = int8_verdict(agreement, fp32_top1, int8_top1)
+    models = [fp32, int8] + ([compile_cpu(onnx_path, "bf16")] if native_bf16(openvino_capabilities(), flags) else [])
+    speeds = images_per_second(models, np.ascontiguousarray(speed_batch, np.float32))
+    return Int8Report(
+        safe=safe,
+        reason=reason,
+        inputs=f"{origin}; tuned on {tuned_on}",
+        images=len(images),
+        top1_agreement=round(agreement, 3),
+        fp32_top1=None if fp32_top1 is None else round(fp32_top1, 2),
+        int8_top1=None if int8_top1 is None else round(int8_top1, 2),
+        fp32_images_per_s=round(speeds[0], 1),
+        int8_images_per_s=round(speeds[1], 1),
+        bf16_images_per_s=round(speeds[2], 1) if len(speeds) > 2 else None,
+        cpu_kind=cpu_kind(flags),
+        quantize_s=round(seconds, 1),
+    )

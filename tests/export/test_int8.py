@@ -1,0 +1,136 @@
+"""CPU int8: the export's NNCF model with accuracy control, measured against fp32, and the precision the service
+picks with it, on each kind of CPU (flags injected, so every kind is covered on any machine)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from support.images import sample_images
+
+from export import export_artifacts
+from export.int8 import MAX_TOP1_DROP, int8_verdict, measure_int8, native_int8
+from export.precision import cpu_flags, cpu_kind
+from model.preprocess import decode_image, preprocess
+from service.artifacts import read_artifacts
+from service.backends import OnnxRuntimeBackend
+from service.backends.cpu_precision import PrecisionRefused, choose_cpu_precision
+from service.backends.openvino_backend import OpenVINOBackend
+
+pytest.importorskip("openvino", reason="the openvino package (a core dependency) is not installed")
+
+AVX2_EPYC = frozenset("avx avx2 fma f16c bmi2".split())
+AVX512_VNNI_EPYC = AVX2_EPYC | frozenset("avx512f avx512bw avx512_bf16 avx512_vnni".split())
+AMX_XEON = AVX512_VNNI_EPYC | frozenset("amx_tile amx_bf16 amx_int8".split())
+HERE_INT8 = native_int8(cpu_flags())
+NO_INT8 = "needs a CPU with native int8 (cpuinfo flag avx512_vnni, avx_vnni or amx_int8); this one has none"
+
+BF16_SAFE = {"safe": True, "reason": "measured", "top1_agreement": 99.9, "max_logit_diff": 0.05, "cpu_kind": "amx"}
+
+
+def int8_report(**changes) -> dict:
+    report = {"safe": True, "reason": "measured", "top1_agreement": 99.6, "fp32_top1": 94.0, "int8_top1": 93.9}
+    report |= {"fp32_images_per_s": 40.0, "bf16_images_per_s": 90.0, "int8_images_per_s": 150.0, "cpu_kind": "amx"}
+    return report | changes
+
+
+# ------------------------------------------------------------------ which CPUs, which verdict
+
+
+@pytest.mark.parametrize(("flags", "native"), [(AVX2_EPYC, False), (AVX512_VNNI_EPYC, True), (AMX_XEON, True)])
+def test_native_int8_from_the_flags_of_each_kind_of_machine(flags, native):
+    assert native_int8(flags) is native
+
+
+def test_a_cpu_without_vnni_or_amx_gets_no_int8_model(tmp_path):
+    report = measure_int8(tmp_path / "absent.onnx", tmp_path, None, [], np.zeros(0), flags=AVX2_EPYC)
+    assert report.safe is None and "no native int8" in report.reason and not list(tmp_path.iterdir())
+
+
+def test_int8_verdict_needs_agreement_and_at_most_0_2_points_lost():
+    assert int8_verdict(99.5, 94.0, 94.0 - MAX_TOP1_DROP + 0.01)[0]
+    safe, why = int8_verdict(99.5, 94.06, 93.63)
+    assert not safe and "loses 0.43 points" in why
+    safe, why = int8_verdict(94.14, None, None)
+    assert not safe and "94.14 %" in why
+
+
+# ------------------------------------------------------------------ what the service serves
+
+
+def choose(requested: str, kind: str, **reports) -> str:
+    flags = {"avx2": AVX2_EPYC, "avx512_bf16": AVX512_VNNI_EPYC, "amx": AMX_XEON}[kind]
+    return choose_cpu_precision(
+        requested,
+        native_bf16=kind != "avx2",
+        export_report=reports.get("bf16", BF16_SAFE | {"cpu_kind": kind}),
+        cpu_kind=kind,
+        native_int8=native_int8(flags),
+        int8_report=reports.get("int8", int8_report(cpu_kind=kind)),
+    ).precision
+
+
+def test_auto_serves_int8_where_it_passed_and_measured_fastest():
+    assert choose("auto", "amx") == "int8"
+    assert choose("auto", "amx", int8=int8_report(int8_images_per_s=80.0)) == "bf16"  # slower than bf16 here
+    assert choose("auto", "amx", int8=int8_report(safe=False, reason="loses 0.43 points")) == "bf16"
+    assert choose("auto", "amx", int8=None) == "bf16"  # not exported with --cpu-int8
+
+
+def test_auto_on_a_cpu_without_int8_or_bf16_serves_fp32_and_says_why():
+    choice = choose_cpu_precision(
+        "auto", False, BF16_SAFE, "avx2", native_int8=False, int8_report=int8_report(cpu_kind="avx2")
+    )
+    assert choice.precision == "fp32" and "no native bf16" in choice.reason and "no native int8" in choice.reason
+
+
+def test_int8_measured_on_another_kind_of_cpu_is_not_served_here():
+    measured_on_amx = int8_report(cpu_kind="amx")
+    assert choose("auto", "avx512_bf16", int8=measured_on_amx) == "bf16"
+    with pytest.raises(PrecisionRefused, match="int8 refused: the export measured int8 on a CPU of another kind"):
+        choose("int8", "avx512_bf16", int8=measured_on_amx)
+
+
+def test_forced_int8_is_refused_on_a_cpu_without_native_int8_naming_the_instructions():
+    with pytest.raises(PrecisionRefused, match="VITAE_CPU_PRECISION=int8 refused: .*VNNI.*use auto or fp32"):
+        choose("int8", "avx2", int8=int8_report(cpu_kind="avx2"))
+
+
+# ------------------------------------------------------------------ a real int8 export
+
+
+@pytest.fixture(scope="module")
+def int8_artifacts(tiny_checkpoint, tmp_path_factory):
+    pytest.importorskip("nncf", reason="nncf (a dev dependency) builds the int8 model")
+    if not HERE_INT8:
+        pytest.skip(NO_INT8)
+    out = tmp_path_factory.mktemp("int8") / "artifacts"
+    export_artifacts(tiny_checkpoint, out, max_batch=4, tensorrt=False, cpu_int8=True)
+    return out
+
+
+@pytest.mark.timeout(900)  # the fixture quantizes with accuracy control: about two minutes on a loaded 2-core VM
+def test_the_export_builds_and_measures_int8_and_records_its_files(int8_artifacts):
+    served = read_artifacts(int8_artifacts)  # every recorded file is verified against its digest here
+    report, files = served.metadata.cpu_int8, served.metadata.files
+    assert files["int8"] == "model_int8.xml" and files["int8_weights"] == "model_int8.bin"
+    assert report["cpu_kind"] == cpu_kind(cpu_flags()) and report["images"] > 0 and report["quantize_s"] > 0
+    assert report["int8_images_per_s"] > 0 and report["fp32_images_per_s"] > 0
+    assert report["safe"] == int8_verdict(report["top1_agreement"], report["fp32_top1"], report["int8_top1"])[0]
+    assert served.metadata.settings["cpu_int8"] is True
+
+
+def test_the_int8_backend_computes_in_int8(int8_artifacts):
+    served = read_artifacts(int8_artifacts)
+    report = served.metadata.cpu_int8 | {"safe": True}  # the tiny random model's near-ties fail the agreement gate
+    forced = dataclasses.replace(served, metadata=dataclasses.replace(served.metadata, cpu_int8=report))
+    images = np.stack([preprocess(decode_image(data), served.preprocessing) for data in sample_images(8)])
+    backend = OpenVINOBackend(forced, precision="int8", threads=1)
+    logits, tokens = backend.infer(images)
+    reference = OnnxRuntimeBackend(served, gpu=False, threads=1).infer(images)[0]
+    assert backend.precision == "int8" and np.isfinite(logits).all() and np.isfinite(tokens).all()
+    assert logits.shape == reference.shape and np.abs(logits - reference).max() > 0  # not the fp32 model
+    layers = backend.compiled.get_runtime_model().get_ops()
+    runtime = {op.get_rt_info()["runtimePrecision"].astype(str) for op in layers}
+    assert runtime & {"u8", "i8"}, runtime  # layers really run on 8-bit integers
