@@ -1,10 +1,11 @@
 """OpenVINO int8 by plain NNCF post-training quantization (no accuracy control), against fp32.
 
 The export's own int8 (`python -m export --cpu-int8`, export/int8.py) adds NNCF's accuracy control; this script
-measures what quantization alone gives, with the settings a careful user would pick — NNCF's transformer preset, the Performer kernel (the reduction cells' own
-ops, `export.engine.fp16_graph.PERFORMER_KERNEL`) left in fp32, calibration on the export's own real images — against
-OpenVINO fp32 of the same `model.onnx`, both compiled as the service compiles them (`export.precision`), on
-the images the export judges bf16 on (`evaluation_inputs`), speed as the median of interleaved calls:
+measures what quantization alone gives, with the settings a careful user would pick — NNCF's transformer
+preset, the Performer kernel (the reduction cells' own ops, `export.engine.fp16_graph.PERFORMER_KERNEL`) left
+in fp32, calibration on the export's own real images — against OpenVINO fp32 of the same `model.onnx`, both
+compiled as the service compiles them (`export.precision`), on the images the export judges bf16 on
+(`evaluation_inputs`), speed as the median of interleaved calls:
 
 - the demo model: top-1 of both on the Fashion-MNIST test set (where installed; calibrated on training
   images), argmax agreement, max logit difference, speed at `--batch`;
