@@ -175,7 +175,7 @@ def test_the_configuration_page_lists_exactly_the_settings():
     from service.settings import Settings
 
     table = load_hooks().render_settings_table()
-    rows = re.findall(r"^\| `(VITAE_[A-Z_]+)` \|", table, re.M)
+    rows = re.findall(r"^\| `(VITAE_[A-Z0-9_]+)` \|", table, re.M)
     assert rows == [f"VITAE_{name.upper()}" for name in Settings.model_fields]
     assert "| `VITAE_MAX_BATCH_SIZE` | integer (≥ 1, ≤ 4096) | `32` |" in table
 
