@@ -22,7 +22,7 @@ from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext
 
 from . import logs
 from .jobs import BatchObserver, Job
-from .tracing import mark_error
+from .spans import mark_error
 
 
 class BatchSpans(BatchObserver):

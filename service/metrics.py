@@ -9,9 +9,16 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class Metrics:
+    """Every metric the service exposes, by subject: HTTP, batching, the response cache, models, tracing."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
+        self._http(self.registry)
+        self._batching(self.registry)
+        self._cache(self.registry)
+        self._models(self.registry)
+
+    def _http(self, r: CollectorRegistry) -> None:
         self.requests = Counter(
             "vitae_requests",
             "HTTP requests by route, method and status code",
@@ -25,6 +32,14 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.spans_dropped = Counter(
+            "vitae_trace_spans_dropped",
+            "Trace spans that never reached the collector, by reason: queue_full or export_failed",
+            ["reason"],
+            registry=r,
+        )
+
+    def _batching(self, r: CollectorRegistry) -> None:
         self.queue_wait = Histogram(
             "vitae_queue_wait_seconds",
             "Time an image waited in the batch queue",
@@ -51,6 +66,8 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+
+    def _cache(self, r: CollectorRegistry) -> None:
         self.cache_hits = Counter(
             "vitae_cache_hits", "Requests answered from the response cache or by an identical one in flight", registry=r
         )
@@ -60,6 +77,8 @@ class Metrics:
         )
         self.cache_bytes = Gauge("vitae_cache_bytes", "Bytes the response cache holds", registry=r)
         self.cache_entries = Gauge("vitae_cache_entries", "Answers the response cache holds", registry=r)
+
+    def _models(self, r: CollectorRegistry) -> None:
         self.model_loads = Counter(
             "vitae_model_loads",
             "Model versions loaded, by model and outcome: live (serving) or refused (failed to load or its checks)",
@@ -67,12 +86,6 @@ class Metrics:
             registry=r,
         )
         self.backend = Gauge("vitae_backend_info", "The backend in use (value 1)", ["backend", "device"], registry=r)
-        self.spans_dropped = Counter(
-            "vitae_trace_spans_dropped",
-            "Trace spans that never reached the collector, by reason: queue_full or export_failed",
-            ["reason"],
-            registry=r,
-        )
         self.ready = Gauge("vitae_ready", "1 once the model is loaded and warmed up", registry=r)
 
     def exposition(self) -> bytes:

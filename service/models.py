@@ -18,15 +18,26 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from .artifacts import ArtifactsError, ensure_artifacts, read_artifacts
 from .backends import Backend, precision_of
-from .registry import Loaded, ModelEntry, ModelState, version_key
+from .registry import Loaded, ModelEntry, ModelRegistry, ModelState, version_key
 from .runtime import Runtime, choose_backend, close_runtime, start_runtime
 
 if TYPE_CHECKING:
-    from .lifecycle import ServiceState
+    from .metrics import Metrics
+    from .settings import Settings
+    from .tracing import Tracing
+
+
+class ModelHost(Protocol):
+    """What loading models needs of the service's state (lifecycle.ServiceState is the one the app holds)."""
+
+    settings: Settings
+    models: ModelRegistry
+    metrics: Metrics
+    tracing: Tracing
 
 log = logging.getLogger("service")
 
@@ -35,7 +46,7 @@ class LoadRefused(RuntimeError):
     """A version failed to load or failed its checks; the message says why and what keeps serving."""
 
 
-async def _build(state: ServiceState, name: str | None, version: str | None, backend: Backend | None) -> Runtime:
+async def _build(state: ModelHost, name: str | None, version: str | None, backend: Backend | None) -> Runtime:
     """Step 1: a warmed-up runtime of `name` at `version` (a repository folder), or of VITAE_ARTIFACTS."""
     settings, registry = state.settings, state.models
     if registry.repository is None:
@@ -70,7 +81,7 @@ async def retire(old: Loaded) -> None:
     log.info("model %s: version %s unloaded", served.name, served.version)
 
 
-def _refuse(state: ServiceState, entry: ModelEntry, version: str | None, exc: Exception) -> LoadRefused:
+def _refuse(state: ModelHost, entry: ModelEntry, version: str | None, exc: Exception) -> LoadRefused:
     reason = f"{type(exc).__name__}: {exc}"
     entry.failure = {"version": str(version), "reason": reason}
     keeps = f"version {entry.version} keeps serving" if entry.live else "nothing serves this model"
@@ -83,7 +94,7 @@ def _refuse(state: ServiceState, entry: ModelEntry, version: str | None, exc: Ex
 
 
 async def load_version(
-    state: ServiceState, name: str, version: str | None = None, backend: Backend | None = None
+    state: ModelHost, name: str, version: str | None = None, backend: Backend | None = None
 ) -> ModelEntry:
     """Load `version` of `name` (default: the newest complete one) and put it live; LoadRefused when it fails."""
     registry = state.models
@@ -112,7 +123,7 @@ async def load_version(
     return entry
 
 
-async def unload(state: ServiceState, name: str) -> ModelEntry:
+async def unload(state: ModelHost, name: str) -> ModelEntry:
     """Stop serving `name`: requests for it get 404 at once, those already holding it finish."""
     entry = state.models.entry(name)
     async with entry.lock:
@@ -122,7 +133,7 @@ async def unload(state: ServiceState, name: str) -> ModelEntry:
     return entry
 
 
-async def load_all(state: ServiceState, backend: Backend | None = None) -> None:
+async def load_all(state: ModelHost, backend: Backend | None = None) -> None:
     """The start-up load: VITAE_ARTIFACTS, or every model of the repository at its newest version, in turn.
 
     Raises when nothing could be loaded (the service is then FAILED); a repository model that fails alone is
@@ -159,7 +170,7 @@ async def load_all(state: ServiceState, backend: Backend | None = None) -> None:
         raise ArtifactsError(f"no model of {registry.repository} could be loaded ({reasons})")
 
 
-async def poll_repository(state: ServiceState) -> None:
+async def poll_repository(state: ModelHost) -> None:
     """Every VITAE_MODEL_POLL_S: put live each model's newest version when it appeared since the last look.
 
     A lifespan task; it ends only when cancelled. Versions seen once are not loaded again by the poller, so a
@@ -173,7 +184,7 @@ async def poll_repository(state: ServiceState) -> None:
             log.warning("polling the model repository failed: %s", exc)
 
 
-async def _poll_once(state: ServiceState) -> None:
+async def _poll_once(state: ModelHost) -> None:
     registry = state.models
     for name in registry.names_on_disk():
         versions = registry.versions_on_disk(name)

@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException
 
 from . import logs
 from .metrics import Metrics
+from .spans import mark_error
 
 log = logging.getLogger("service")
 
@@ -48,11 +49,6 @@ def error_kind(exc: BaseException) -> str:
     """The kind of an error as traces and logs name it: the cause's class when an HTTP error wraps one."""
     cause = exc.__cause__ if isinstance(exc, HTTPException) and exc.__cause__ is not None else exc
     return "cancelled" if isinstance(cause, asyncio.CancelledError) else type(cause).__name__
-
-
-def mark_error(span: Span, kind: str, message: str = "") -> None:
-    span.set_status(Status(StatusCode.ERROR, message[:200] or kind))
-    span.set_attribute("error.type", kind)
 
 
 class Tracing:
