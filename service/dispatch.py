@@ -38,6 +38,7 @@ class Options:
     cam: bool
     target: int | None  # class index for the CAM; None: the top-1
     layer: int | None  # cell index for an autograd CAM; None: from the backend's outputs
+    tokens: bool = False  # v2's `tokens` output: the backend returns these images' last-cell tokens
 
 
 # ---------------------------------------------------------------- 1. one deadline for all the work
@@ -145,7 +146,7 @@ async def infer(
     cam, layer, target = opts.cam, opts.layer, opts.target
     jobs = submit_all(
         runtime.classifier,
-        [ClassifyInput(image.pixels, cam and layer is None, target) for image in images],
+        [ClassifyInput(image.pixels, cam and layer is None, target, opts.tokens) for image in images],
         max(0.001, deadline - time.monotonic()),
         priority,
     )

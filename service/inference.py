@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -12,7 +13,7 @@ from model import Preprocessing
 from model.preprocess import decode_image, preprocess, resize_size
 
 from .artifacts import ServedArtifacts
-from .backends import Backend
+from .backends import Backend, infer_rows
 from .gradcam import AutogradGradCAM
 from .numerics import Guarded, NonFiniteGuard
 from .postprocess import last_cell_cam
@@ -22,7 +23,7 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 
 @dataclass(frozen=True)
 class PreparedImage:
-    pixels: np.ndarray  # float32 (C, S, S), normalised
+    pixels: Any  # float32 (C, S, S), normalised: numpy, or a torch tensor on the GPU (service.gpu_decode)
     original: Image.Image | None  # kept only when a CAM overlay will be drawn on it, at most cam_max_side
 
 
@@ -50,9 +51,10 @@ def prepare_image(data: bytes, prep: Preprocessing, *, max_pixels: int, cam_max_
 
 @dataclass(frozen=True)
 class ClassifyInput:
-    pixels: np.ndarray  # (C, S, S)
+    pixels: Any  # (C, S, S): numpy, or a torch tensor on the backend's device
     cam: bool  # compute the last-cell CAM from the backend's tokens
     cam_class: int | None  # None: the image's top-1 class
+    tokens: bool = False  # answer the last-cell tokens (v2's `tokens` output)
 
 
 @dataclass(frozen=True)
@@ -60,25 +62,44 @@ class ClassifyOutput:
     logits: np.ndarray  # (K,)
     cam_class: int | None
     cam_raw: np.ndarray | None  # (h, w), before ReLU
-    tokens: np.ndarray | None = None  # (N, D) last-cell tokens, a view into the batch's output
+    tokens: np.ndarray | None = None  # (N, D) last-cell tokens when asked for (cam or tokens), a view into the batch's
     failure: str | None = None  # why this image has no answer (outputs not finite); its request answers 500
+
+
+def stack(pixels: Sequence[Any]) -> Any:
+    """(C, S, S) images -> one (B, C, S, S) batch: numpy, or a tensor on the device of the first device tensor."""
+    if all(isinstance(p, np.ndarray) for p in pixels):
+        return np.stack(pixels)
+    import torch
+
+    device = next(p.device for p in pixels if isinstance(p, torch.Tensor))
+    return torch.stack([torch.as_tensor(p).to(device) for p in pixels])
 
 
 def classify_batch(
     backend: Backend, served: ServedArtifacts, inputs: Sequence[ClassifyInput], guard: NonFiniteGuard | None = None
 ) -> list[ClassifyOutput]:
-    """One backend call for the batch (through `guard`, when given); last-cell CAMs for the images that asked."""
-    images = np.stack([item.pixels for item in inputs])  # (B, C, S, S)
-    out = guard(images) if guard is not None else Guarded(*backend.infer(images))
-    logits, tokens, failed = out.logits, out.tokens, out.failed  # (B, K), (B, N, D)
+    """One backend call for the batch (through `guard`, when given); last-cell CAMs for the images that asked.
+
+    Tokens come back (from the device, with PyTorch on CUDA) only for the images whose request wants them.
+    """
+    images = stack([item.pixels for item in inputs])  # (B, C, S, S)
+    token_rows = [i for i, item in enumerate(inputs) if item.cam or item.tokens]
+    if guard is not None:
+        out = guard(images, token_rows)
+    else:
+        out = Guarded(*infer_rows(backend, images, token_rows), {}, token_rows)
+    logits, failed = out.logits, out.failed  # (B, K)
     want = [i for i, item in enumerate(inputs) if item.cam and i not in failed]
     targets = {i: inputs[i].cam_class if inputs[i].cam_class is not None else int(np.argmax(logits[i])) for i in want}
     maps = {}
     if want:
-        raw = last_cell_cam(tokens[want], served.head_weight, np.array([targets[i] for i in want]), served.grid)
+        tokens = np.stack([out.tokens_of(i) for i in want])  # (W, N, D)
+        raw = last_cell_cam(tokens, served.head_weight, np.array([targets[i] for i in want]), served.grid)
         maps = dict(zip(want, raw, strict=True))
     return [
-        ClassifyOutput(logits[i], targets.get(i), maps.get(i), tokens[i], failed.get(i)) for i in range(len(inputs))
+        ClassifyOutput(logits[i], targets.get(i), maps.get(i), out.tokens_of(i), failed.get(i))
+        for i in range(len(inputs))
     ]
 
 

@@ -2,10 +2,11 @@
 
 1. Up front: preprocessed inputs (the v2 `images` tensor) must lie in the range the preprocessing can produce,
    with a margin (`accepted_range`); anything else is the client's error (400), never a model overflow.
-2. After the backend: a batch's rows whose logits or tokens are not all finite never become answers
-   (`NonFiniteGuard`). When the backend computes in reduced precision (OpenVINO bf16, fp16 on a GPU), those
-   images are recomputed at fp32 by ONNX Runtime on the CPU; when they are still not finite, or the backend
-   already computes in fp32, each gets a failure that the request answers as a 500 naming the cause.
+2. After the backend: a batch's rows whose logits, or tokens where they were returned (the rows whose request
+   wants them: `token_rows`), are not all finite never become answers (`NonFiniteGuard`). When the backend
+   computes in reduced precision (OpenVINO bf16, fp16 on a GPU), those images are recomputed at fp32 by ONNX
+   Runtime on the CPU; when they are still not finite, or the backend already computes in fp32, each gets a
+   failure that the request answers as a 500 naming the cause.
    The first event of each kind is logged (a warning, once per process run); every image is counted in
    `vitae_nonfinite_images_total`.
 """
@@ -14,16 +15,17 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import numpy as np
 
 from model import Preprocessing
 
 from .artifacts import ServedArtifacts
-from .backends import Backend, OnnxRuntimeBackend, precision_of
+from .backends import Backend, OnnxRuntimeBackend, infer_rows, precision_of
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -62,14 +64,32 @@ def range_problem(pixels: np.ndarray, prep: Preprocessing, name: str) -> str | N
 @dataclass(frozen=True)
 class Guarded:
     logits: np.ndarray  # (B, K), finite in every row not in `failed`
-    tokens: np.ndarray  # (B, N, D)
+    tokens: np.ndarray  # (R, N, D): the tokens of `token_rows`, in that order (every row's when it is None)
     failed: dict[int, str] = field(default_factory=dict)  # row -> why it has no answer
+    token_rows: Sequence[int] | None = None
+
+    def tokens_of(self, row: int) -> np.ndarray | None:
+        """Batch row `row`'s (N, D) tokens, None when they were not returned."""
+        if self.token_rows is None:
+            return self.tokens[row]
+        return self.tokens[list(self.token_rows).index(row)] if row in self.token_rows else None
 
 
-def nonfinite_rows(logits: np.ndarray, tokens: np.ndarray) -> list[int]:
-    """Rows of a batch whose logits or tokens hold NaN or infinity."""
-    finite = np.isfinite(logits).all(axis=1) & np.isfinite(tokens.reshape(len(tokens), -1)).all(axis=1)
-    return [int(i) for i in np.flatnonzero(~finite)]
+def nonfinite_rows(logits: np.ndarray, tokens: np.ndarray, token_rows: Sequence[int] | None = None) -> list[int]:
+    """Batch rows whose logits, or returned tokens (those of `token_rows`; every row's when None), are not finite."""
+    bad = ~np.isfinite(logits).all(axis=1)  # (B,)
+    finite_tokens = np.isfinite(tokens).all(axis=tuple(range(1, tokens.ndim)))  # (R,)
+    rows = range(len(logits)) if token_rows is None else token_rows
+    for row, finite in zip(rows, finite_tokens, strict=True):
+        bad[row] |= not finite
+    return [int(i) for i in np.flatnonzero(bad)]
+
+
+def on_host(images: Any) -> np.ndarray:
+    """A batch as a float32 numpy array (a device tensor from service.gpu_decode is copied to the host)."""
+    if isinstance(images, np.ndarray):
+        return images
+    return images.detach().float().cpu().numpy()
 
 
 class NonFiniteGuard:
@@ -94,22 +114,26 @@ class NonFiniteGuard:
         """The guard whose fp32 twin is an ONNX Runtime CPU session of the served model.onnx."""
         return cls(backend, partial(OnnxRuntimeBackend, served, gpu=False, threads=threads, streams=1), metrics)
 
-    def __call__(self, images: np.ndarray) -> Guarded:
-        logits, tokens = self.backend.infer(images)  # (B, K), (B, N, D)
-        rows = nonfinite_rows(logits, tokens)
+    def __call__(self, images: Any, token_rows: Sequence[int] | None = None) -> Guarded:
+        """The backend's outputs for `images` (B, C, S, S), tokens of `token_rows` only (every row's when None)."""
+        logits, tokens = infer_rows(self.backend, images, token_rows)  # (B, K), (R, N, D)
+        rows = nonfinite_rows(logits, tokens, token_rows)
         if not rows:
-            return Guarded(logits, tokens)
+            return Guarded(logits, tokens, {}, token_rows)
         if self.precision in FULL_PRECISION:
-            return Guarded(logits, tokens, self._refuse(rows, len(images), f"computed in {self.precision}"))
+            return Guarded(logits, tokens, self._refuse(rows, len(images), f"computed in {self.precision}"), token_rows)
         fallback = self._get_fallback()
         if fallback is None:
-            return Guarded(
-                logits, tokens, self._refuse(rows, len(images), f"computed in {self.precision}; {self._fallback_error}")
-            )
-        again_logits, again_tokens = fallback.infer(images[rows])
-        logits, tokens = logits.copy(), tokens.copy()  # a backend may hand out views of its own buffers
-        logits[rows], tokens[rows] = again_logits, again_tokens
-        still = [rows[i] for i in nonfinite_rows(again_logits, again_tokens)]
+            why = f"computed in {self.precision}; {self._fallback_error}"
+            return Guarded(logits, tokens, self._refuse(rows, len(images), why), token_rows)
+        again_logits, again_tokens = fallback.infer(on_host(images)[rows])  # every token of the recomputed rows
+        logits, tokens = self._replace(logits, tokens, token_rows, rows, again_logits, again_tokens)
+        returned = [token_rows is None or row in token_rows for row in rows]  # whose tokens are answered
+        still = [
+            row
+            for i, row in enumerate(rows)
+            if not np.isfinite(again_logits[i]).all() or (returned[i] and not np.isfinite(again_tokens[i]).all())
+        ]
         fixed = len(rows) - len(still)
         if fixed:
             self._counter.labels("recomputed_fp32").inc(fixed)
@@ -123,7 +147,18 @@ class NonFiniteGuard:
                 len(images),
             )
         failed = self._refuse(still, len(images), f"computed in {self.precision} and again in fp32") if still else {}
-        return Guarded(logits, tokens, failed)
+        return Guarded(logits, tokens, failed, token_rows)
+
+    @staticmethod
+    def _replace(logits, tokens, token_rows, rows, again_logits, again_tokens) -> tuple[np.ndarray, np.ndarray]:
+        """The batch's outputs with `rows` recomputed: their logits, and their tokens where tokens were returned."""
+        logits, tokens = logits.copy(), tokens.copy()  # a backend may hand out views of its own buffers
+        logits[rows] = again_logits
+        positions = range(len(logits)) if token_rows is None else token_rows
+        for at, row in enumerate(positions):
+            if row in rows:
+                tokens[at] = again_tokens[rows.index(row)]
+        return logits, tokens
 
     def _refuse(self, rows: list[int], batch: int, why: str | None) -> dict[int, str]:
         self._counter.labels("refused").inc(len(rows))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..artifacts import ServedArtifacts
-from .base import Backend, BackendUnavailable, cuda_device_count, gpu_index, wants_gpu
+from .base import Backend, BackendUnavailable, cuda_device_count, gpu_index, infer_rows, wants_gpu
 from .onnxruntime_backend import OnnxRuntimeBackend, session_device
 from .openvino_backend import OpenVINOBackend, PrecisionRefused
 from .tensorrt_backend import TensorRTBackend
@@ -33,6 +33,7 @@ __all__ = [
     "create_backend",
     "cuda_device_count",
     "gpu_index",
+    "infer_rows",
     "precision_of",
     "select_backend",
     "session_device",

@@ -3,7 +3,8 @@ cannot run here, and reading VITAE_DEVICE."""
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -18,10 +19,15 @@ class Backend(Protocol):
     1. setup        `create_backend` / `select_backend` build it from the artifacts (session, engine,
                     module); the lifespan warms it up at batch 1 and at the max batch
     2. preprocess   bytes -> normalised (C, S, S) float32 by `model.preprocess`, in the decode pool
-                    (`service.inference.prepare_image`); backends never see bytes
-    3. batch        the classify batcher stacks queued images into (B, C, S, S) on a worker thread
-    4. infer        `infer(images)` -> (logits, tokens); the one method each backend implements, called
-                    from up to `streams` worker threads at once
+                    (`service.inference.prepare_image`); backends never see bytes. With PyTorch on CUDA, JPEGs
+                    are decoded and preprocessed on the GPU instead (`service.gpu_decode`): device tensors
+    3. batch        the classify batcher stacks queued images into (B, C, S, S) on a worker thread: a numpy
+                    array, or a tensor on the backend's device when any image was decoded there
+    4. infer        `infer(images, token_rows)` -> (logits, tokens); the one method each backend implements,
+                    called from up to `streams` worker threads at once. `token_rows` names the rows whose
+                    tokens a request wants (a CAM, v2's `tokens`): a backend with `selects_tokens` (PyTorch)
+                    returns those rows' tokens only, in that order; the others ignore it and return every
+                    row's, and `infer_rows` picks the same rows from them
     5. postprocess  logits -> top-k and tokens -> CAM (`service.postprocess`), outside the backend
     `close()` frees the engine when the lifespan ends.
     """
@@ -30,12 +36,27 @@ class Backend(Protocol):
     device: str
     precision: str  # what the engine computes in: fp32, bf16 (OpenVINO on CPU), fp16 (TensorRT)
     streams: int  # how many `infer` calls may run at once (the batcher's worker threads)
+    selects_tokens: bool  # whether `infer` returns only `token_rows`' tokens (else every row's)
 
-    def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """images float32 (B, C, S, S), normalised -> logits float32 (B, K), tokens float32 (B, N, D)."""
+    def infer(self, images: np.ndarray, token_rows: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """images float32 (B, C, S, S), normalised -> logits float32 (B, K), tokens float32 (B, N, D)
+        (with `selects_tokens`: (len(token_rows), N, D) when `token_rows` is given)."""
         ...
 
     def close(self) -> None: ...
+
+
+def infer_rows(backend: Backend, images: Any, token_rows: Sequence[int] | None) -> tuple[np.ndarray, np.ndarray]:
+    """logits (B, K) and the tokens of `token_rows` only, (R, N, D) in that order (every row's when None).
+
+    A caller's backend (create_app(backend=...)) that does not say `selects_tokens` is called as `infer(images)`.
+    """
+    if token_rows is None:
+        return backend.infer(images)
+    if getattr(backend, "selects_tokens", False):
+        return backend.infer(images, token_rows=token_rows)
+    logits, tokens = backend.infer(images)
+    return logits, tokens[list(token_rows)]
 
 
 def cuda_device_count() -> int:

@@ -23,6 +23,7 @@ class OnnxRuntimeBackend:
     """
 
     name = "onnxruntime"
+    selects_tokens = False  # infer returns every row's tokens
     precision = "fp32"
 
     def __init__(self, served: ServedArtifacts, *, gpu: bool, device: str = "cpu", threads: int = 0, streams: int = 0):
@@ -52,7 +53,8 @@ class OnnxRuntimeBackend:
         if not set(OUTPUT_NAMES) <= set(self._outputs):
             raise BackendUnavailable(f"{path.name} lacks the outputs {', '.join(OUTPUT_NAMES)} (has {self._outputs})")
 
-    def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def infer(self, images: np.ndarray, token_rows: object = None) -> tuple[np.ndarray, np.ndarray]:
+        """Every row's tokens: `token_rows` is ignored (selects_tokens is False)."""
         feed = {INPUT_NAME: np.ascontiguousarray(images, np.float32)}
         logits, tokens = self.session.run(list(OUTPUT_NAMES), feed)
         return logits.astype(np.float32, copy=False), tokens.astype(np.float32, copy=False)

@@ -52,6 +52,7 @@ class OpenVINOBackend:
     """
 
     name = "openvino"
+    selects_tokens = False  # infer returns every row's tokens
     device = "cpu"
 
     def __init__(
@@ -92,7 +93,8 @@ class OpenVINOBackend:
             raise BackendUnavailable(f"{path.name} lacks the outputs logits and tokens (has {sorted(outputs)})")
         log.info("OpenVINO %s on CPU, %d stream(s): %s", choice.precision, self.streams, choice.reason)
 
-    def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def infer(self, images: np.ndarray, token_rows: object = None) -> tuple[np.ndarray, np.ndarray]:
+        """Every row's tokens: `token_rows` is ignored (selects_tokens is False)."""
         request = self._requests.get()  # never waits while callers are at most `streams`
         try:
             request.infer({"images": np.ascontiguousarray(images, np.float32)})

@@ -19,6 +19,7 @@ class TensorRTBackend:
     """
 
     name = "tensorrt"
+    selects_tokens = False  # infer returns every row's tokens
     streams = 1  # one batch at a time
 
     def __init__(self, served: ServedArtifacts, device: str = "cuda") -> None:
@@ -47,7 +48,8 @@ class TensorRTBackend:
         if missing:
             raise BackendUnavailable(f"model.plan lacks the tensors {sorted(missing)}")
 
-    def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def infer(self, images: np.ndarray, token_rows: object = None) -> tuple[np.ndarray, np.ndarray]:
+        """Every row's tokens: `token_rows` is ignored (selects_tokens is False)."""
         outputs = self.runner(images)
         return outputs[LOGITS], outputs[TOKENS]
 

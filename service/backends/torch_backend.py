@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -32,6 +33,7 @@ class TorchBackend:
 
     name = "torch"
     streams = 1  # one batch at a time
+    selects_tokens = True  # infer(images, token_rows) returns those rows' tokens only
 
     def __init__(
         self,
@@ -83,14 +85,13 @@ class TorchBackend:
             self._graphs = GraphRunner(self._module, shape, max_batch, self.device)
             self.precision_reason += f"; CUDA graphs for batches {self._graphs.sizes}"
 
-    def infer(self, images: np.ndarray, token_rows: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """images (B, C, S, S) -> logits (B, K), tokens (B, N, D); with `token_rows`, tokens of those rows only."""
-        if self._graphs is None:
-            from export.serving import serving_outputs
+    def infer(self, images: Any, token_rows: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """images (B, C, S, S) -> logits (B, K), tokens (B, N, D); with `token_rows`, tokens of those rows only.
 
-            outputs = serving_outputs(self._module, images, self.device)
-            tokens = outputs[TOKENS] if token_rows is None else outputs[TOKENS][list(token_rows)]
-            return outputs[LOGITS], tokens
+        `images` is a float32 numpy array, or a tensor already on the device (uploads decoded by service.gpu_decode).
+        """
+        if self._graphs is None:
+            return self._eager(images, token_rows)
         chunk = self._graphs.sizes[-1]
         if len(images) <= chunk:
             return self._graphs(images, token_rows)
@@ -100,6 +101,20 @@ class TorchBackend:
             for s in range(0, len(images), chunk)
         ]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def _eager(self, images: Any, token_rows: Sequence[int] | None) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        from export.serving import serving_outputs
+
+        if isinstance(images, torch.Tensor):
+            with torch.inference_mode():
+                logits, tokens = self._module(images.to(self.device, torch.float32))  # (B, K), (B, N, D)
+            picked = tokens if token_rows is None else tokens[list(token_rows)]
+            return logits.float().cpu().numpy(), picked.float().cpu().numpy()
+        outputs = serving_outputs(self._module, images, self.device)
+        tokens = outputs[TOKENS] if token_rows is None else outputs[TOKENS][list(token_rows)]
+        return outputs[LOGITS], tokens
 
     def close(self) -> None:
         self.model = self._module = self._graphs = None

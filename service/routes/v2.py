@@ -215,7 +215,8 @@ async def model_infer(
         cam = any(out.name == v2.CAM for out in wanted)
         target, layer = cam_target(parsed.parameters, served, runtime) if cam else (None, None)
         policy = request_policy(asked, parsed.parameters, state.settings.request_timeout_s)
-        opts = Options(k=0, cam=cam, target=target, layer=layer)
+        tokens = any(out.name == v2.TOKENS for out in wanted)
+        opts = Options(k=0, cam=cam, target=target, layer=layer, tokens=tokens)
         compute = partial(compute_outputs, request, state, runtime, parsed.inputs, sig, wanted, opts, policy)
         key = outputs_key(served, wanted, (target, layer), parsed.inputs)
         async with within_deadline(policy.deadline):
