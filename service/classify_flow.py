@@ -2,8 +2,9 @@
 
 1. resolve_options   query parameters -> top-k, CAM class and cell (422 when wrong)
 2. read_uploads      multipart 'file' parts or a raw image body -> bytes (400 / 415)
-3. prepare_all       bytes -> model input in the decode pool; a bad image becomes its own error (400 / 413);
-                     steps 2-5 run `service.dispatch.within_deadline` (504 past VITAE_REQUEST_TIMEOUT_S)
+3. prepare_all       bytes -> model input (`service.decoding`: the decode pool, or the GPU for JPEGs when PyTorch
+                     serves on CUDA); a bad image becomes its own error (400 / 413); steps 2-5 run
+                     `service.dispatch.within_deadline` (504 past VITAE_REQUEST_TIMEOUT_S)
 4. infer             `service.dispatch.infer`: through the classify batcher (and the Grad-CAM batcher for an
                      earlier cell); 504 at the deadline, 499 on disconnect, 503 when the queue is full
 5. shape_result      logits -> top-k, CAM -> pictures, timings -> the response model
@@ -13,23 +14,17 @@ Steps 3-5 are `answer_uploads`, what the response cache (service.cache) runs on 
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import time
-from collections.abc import Callable
-from concurrent.futures import Executor
-from functools import partial
 
 from fastapi import HTTPException, Request
-from PIL import Image
 from starlette.datastructures import UploadFile
 
-from model.preprocess import ACCEPTED_FORMATS, ImageDecodeError, ImageTooLargeError
-
 from .artifacts import ServedArtifacts
+from .decoding import prepare_all
 from .dispatch import Answer, Options, infer
 from .gradcam import resolve_cell
-from .inference import PreparedImage, prepare_image
+from .inference import PreparedImage
 from .lifecycle import Runtime, ServiceState
 from .postprocess import normalize_cam, render_cam, top_k
 from .request_policy import RequestPolicy
@@ -103,56 +98,6 @@ async def _read_uploads(request: Request, max_files: int) -> list[bytes]:
     return [body]
 
 
-def image_error(exc: Exception) -> HTTPException:
-    """The HTTP error for an image that failed to decode (400), is too large (413) or broke the decoder (500).
-
-    Each is that image's own error: in a request with several images the others are still answered.
-    """
-    if isinstance(exc, ImageTooLargeError):
-        return HTTPException(413, detail=f"{exc} (VITAE_MAX_IMAGE_PIXELS)")
-    if isinstance(exc, ImageDecodeError):
-        message = str(exc)
-        if "accepted" not in message.lower():
-            message += f"; accepted formats: {', '.join(ACCEPTED_FORMATS)}"
-        return HTTPException(400, detail=message)
-    log.error("preparing an image failed unexpectedly", exc_info=exc)
-    return HTTPException(500, detail=f"preparing this image failed unexpectedly ({type(exc).__name__})")
-
-
-async def prepare_all(
-    state: ServiceState, served: ServedArtifacts, uploads: list[bytes], keep_original: bool
-) -> list[PreparedImage | HTTPException]:
-    """Decode and preprocess every upload in the thread pool; a bad image becomes its own HTTPException."""
-    prepare = partial(
-        prepare_image,
-        prep=served.preprocessing,
-        max_pixels=state.settings.max_image_pixels,
-        cam_max_side=state.settings.cam_max_side if keep_original else None,
-    )
-    prepared = await asyncio.gather(
-        *(prepare_one(state.pool, prepare, data, index) for index, data in enumerate(uploads)), return_exceptions=True
-    )
-    return [image_error(p) if isinstance(p, Exception) else p for p in prepared]
-
-
-async def prepare_one(
-    pool: Executor, prepare: Callable[[bytes], PreparedImage], data: bytes, index: int
-) -> PreparedImage:
-    """One upload through `prepare` in the pool, as a `decode` step naming the image's pixel size."""
-    with step("decode", **{"vitae.image.index": index, "vitae.image.bytes": len(data)}) as span:
-        image = await asyncio.get_running_loop().run_in_executor(pool, prepare, data)
-        if span.is_recording():
-            span.set_attributes(pixel_size(data))
-        return image
-
-
-def pixel_size(data: bytes) -> dict[str, int]:
-    """The upload's width and height as stored, from its header alone (before any reduced-size decoding)."""
-    with Image.open(io.BytesIO(data)) as image:
-        width, height = image.size
-    return {"vitae.image.width": width, "vitae.image.height": height}
-
-
 # ---------------------------------------------------------------- 5. the response
 
 
@@ -193,7 +138,7 @@ async def answer_uploads(
 ) -> tuple[bytes, int | None]:
     """The response body for `uploads`, and its size when every image was answered (the cache keeps only those)."""
     served = runtime.served
-    prepared = await prepare_all(state, served, uploads, keep_original=opts.cam)
+    prepared = await prepare_all(state, served, uploads, keep_original=opts.cam, decoder=runtime.decoder)
     if len(prepared) == 1 and isinstance(prepared[0], HTTPException):
         raise prepared[0]
     good = [p for p in prepared if isinstance(p, PreparedImage)]

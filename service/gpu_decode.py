@@ -161,6 +161,8 @@ class GpuDecoder:
             for i, pixels in zip(taken, decoded, strict=True):
                 if pixels is not None:
                     out[i] = resize_crop_normalise(orient(pixels, orientations[i]), self.prep)
+        if self.device.startswith("cuda"):  # done before the batcher's thread reads them on its own stream
+            torch.cuda.current_stream(self.device).synchronize()
         return out
 
 

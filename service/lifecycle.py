@@ -25,6 +25,7 @@ from enum import StrEnum
 from fastapi import FastAPI
 
 from .backends import Backend
+from .decoding import DecodeShares
 from .metrics import Metrics
 from .models import load_all, poll_repository
 from .registry import ModelRegistry
@@ -57,6 +58,7 @@ class ServiceState:
     models: ModelRegistry = field(init=False)
     tracing: Tracing = field(default_factory=Tracing)  # off unless create_app read OTEL_* turning it on
     pool: ThreadPoolExecutor | None = None
+    decoding: DecodeShares | None = None  # the pool shared fairly between requests
     loader: asyncio.Task | None = field(default=None, repr=False)
     poller: asyncio.Task | None = field(default=None, repr=False)
 
@@ -142,11 +144,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Owns every resource: the decode pool, the loader task, the batchers and the backend."""
     state: ServiceState = app.state.service
     settings = state.settings
+    workers = settings.preprocess_threads or min(4, os.cpu_count() or 1)
     state.pool = ThreadPoolExecutor(
-        max_workers=settings.preprocess_threads or min(4, os.cpu_count() or 1),
-        thread_name_prefix="vitae-decode",
-        initializer=_yield_cpu_to_inference,
+        max_workers=workers, thread_name_prefix="vitae-decode", initializer=_yield_cpu_to_inference
     )
+    state.decoding = DecodeShares(state.pool, workers)
     state.tracing.start()
     # Loading runs in the background so /healthz and /readyz answer (503) while it exports or warms up.
     state.loader = asyncio.create_task(load_model(state, app.state.given_backend), name="load-model")

@@ -10,8 +10,10 @@ The service keeps one Runtime per served model (service.registry); a new version
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +25,8 @@ from .inference import ClassifyInput, ClassifyOutput, GradCAMInput, classify_bat
 from .metrics import Metrics
 from .numerics import NonFiniteGuard
 from .settings import Settings
+
+log = logging.getLogger(__name__)
 
 # Largest batch per stream when a CPU backend runs several streams and VITAE_MAX_BATCH_SIZE is unset: on CPU
 # a batch gains nothing over single images (ViTAE-T at 224, two single-thread OpenVINO streams: 21 images/s
@@ -41,6 +45,7 @@ class Runtime:
     explainer: Batcher[GradCAMInput, np.ndarray] | None
     cam_cells: list[str]
     guard: NonFiniteGuard
+    decoder: Any = None  # service.gpu_decode.GpuDecoder when PyTorch serves on CUDA: JPEGs decoded there
 
 
 def _warm_up(backend: Backend, served: ServedArtifacts, max_batch: int) -> None:
@@ -72,6 +77,7 @@ async def choose_backend(settings: Settings, served: ServedArtifacts, given: Bac
         settings.cpu_precision,
         settings.openvino_cache_dir,
         settings.infer_streams,
+        settings.gpu_precision,
     )
     return selection.backend, selection.reason
 
@@ -129,7 +135,28 @@ async def start_runtime(
         explainer.start()
     classifier.start()
     cam_cells = [cell.name for cell in explainer_model.cells] if explainer_model else []
-    return Runtime(served, backend, reason, classifier, explainer, cam_cells, guard)
+    decoder = image_decoder(settings, backend, served)
+    return Runtime(served, backend, reason, classifier, explainer, cam_cells, guard, decoder)
+
+
+def image_decoder(settings: Settings, backend: Backend, served: ServedArtifacts) -> Any:
+    """A GpuDecoder when PyTorch serves on CUDA and VITAE_GPU_DECODE is on (JPEG uploads decoded on the device, the
+    batch stacked there); None elsewhere: the PIL path in the decode pool."""
+    device = str(getattr(backend, "device", "cpu"))
+    if not settings.gpu_decode or getattr(backend, "name", None) != "torch" or not device.startswith("cuda"):
+        return None
+    from .gpu_decode import GpuDecoder, decoder_available, supports
+
+    if not decoder_available(device) or not supports(served.preprocessing):
+        log.info(
+            "uploads are decoded by PIL: torchvision's nvJPEG decoder is not available or cannot follow %s's "
+            "preprocessing (%s)",
+            served.name,
+            served.preprocessing.interpolation,
+        )
+        return None
+    log.info("JPEG uploads are decoded on %s (nvJPEG); other formats by PIL", device)
+    return GpuDecoder(served.preprocessing, device, settings.max_image_pixels)
 
 
 async def close_runtime(runtime: Runtime) -> None:

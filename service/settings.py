@@ -46,6 +46,18 @@ class Settings(BaseSettings):
         description="When the service exports at start, also build and measure an OpenVINO int8 model (NNCF with "
         "accuracy control; tens of seconds more) so that auto may serve int8 where it passed and is fastest.",
     )
+    gpu_precision: Literal["auto", "fp16", "bf16", "fp32"] = Field(
+        "auto",
+        description="The torch backend's precision on CUDA: auto = fp16 or bf16, whichever passes the gate against "
+        "fp32 at load (finite, every top-1 the same, max logit difference within tolerance on real images) and is "
+        "closest to fp32, else fp32 with one log line; fp16 or bf16 = only that one is measured (fp32 when it "
+        "fails); fp32 = no half precision. /readyz and /model report the figures.",
+    )
+    gpu_decode: bool = Field(
+        True,
+        description="When the torch backend serves on CUDA: decode JPEG uploads on the GPU (torchvision's nvJPEG) "
+        "and preprocess them there; other formats, CAM requests and JPEGs nvJPEG refuses take the PIL path.",
+    )
     openvino_cache_dir: Path | None = Field(
         None, description="Compiled-model cache of the openvino backend; default: openvino_cache/ in `artifacts`."
     )

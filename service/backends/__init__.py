@@ -68,12 +68,14 @@ def create_backend(
     cpu_precision: str = "auto",
     cache_dir: Path | None = None,
     streams: int = 0,
+    gpu_precision: str = "auto",
 ) -> Backend:
     """Build one named backend on `device` ('auto', 'cpu', 'cuda[:N]'); BackendUnavailable when it cannot run.
 
     `cpu_precision` (auto, bf16, int8, fp32) applies on CPU; bf16 and int8 there are OpenVINO's, so asking another
     CPU backend for them raises PrecisionRefused rather than quietly serving fp32. `streams` (0: the backend's
     choice) is how many batches OpenVINO and ONNX Runtime compute at once on CPU; the others run one.
+    `gpu_precision` (auto, fp16, bf16, fp32) is the torch backend's on CUDA (VITAE_GPU_PRECISION).
     """
     gpu = wants_gpu(device)
     if gpu is None:
@@ -92,7 +94,7 @@ def create_backend(
     if name == "onnxruntime":
         return OnnxRuntimeBackend(served, gpu=gpu, device=device, threads=threads, streams=streams)
     if name == "torch":
-        return TorchBackend(served, device=device if gpu else "cpu", threads=threads)
+        return TorchBackend(served, device=device if gpu else "cpu", threads=threads, precision=gpu_precision)
     raise ValueError(f"unknown backend {name!r}; use auto or one of {', '.join(BACKENDS)}")
 
 
@@ -104,6 +106,7 @@ def select_backend(
     cpu_precision: str = "auto",
     cache_dir: Path | None = None,
     streams: int = 0,
+    gpu_precision: str = "auto",
 ) -> Selection:
     """Build the requested backend, or for 'auto' the fastest one that can run here, and say why.
 
@@ -115,7 +118,7 @@ def select_backend(
     operator asked for it and must hear why not.
     """
     if requested != "auto":
-        backend = create_backend(requested, served, device, threads, cpu_precision, cache_dir, streams)
+        backend = create_backend(requested, served, device, threads, cpu_precision, cache_dir, streams, gpu_precision)
         reason = f"VITAE_BACKEND={requested}"
         if wants_gpu(device) and not backend.device.startswith("cuda"):
             reason += f"; VITAE_DEVICE={device} was asked for, but it runs on {backend.device} (CUDA did not load)"
@@ -132,7 +135,7 @@ def select_backend(
     skipped = []
     for name, dev in order:
         try:
-            backend = create_backend(name, served, dev, threads, cpu_precision, cache_dir, streams)
+            backend = create_backend(name, served, dev, threads, cpu_precision, cache_dir, streams, gpu_precision)
         except BackendUnavailable as exc:
             skipped.append(f"{name}: {exc}")
             continue

@@ -162,6 +162,8 @@ class GraphRunner:
         n = len(images)
         size = next(s for s in self.sizes if s >= n)
         rows = list(range(n)) if token_rows is None else list(token_rows)
+        # A device batch was stacked on the caller's stream: the copy below waits for it.
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             if isinstance(images, torch.Tensor):  # already on the device (GPU-decoded uploads)
                 self.inputs[size][:n].copy_(images, non_blocking=True)

@@ -17,7 +17,8 @@ from fastapi import HTTPException, Request
 
 from ..artifacts import ServedArtifacts
 from ..cache import cache_key
-from ..classify_flow import prepare_all, resolve_cam_layer
+from ..classify_flow import resolve_cam_layer
+from ..decoding import prepare_all
 from ..dispatch import Answer, Options, infer
 from ..inference import PreparedImage
 from ..lifecycle import Runtime, ServiceState
@@ -76,7 +77,7 @@ def cam_target(parameters: dict[str, Any], served: ServedArtifacts, runtime: Run
 
 
 async def model_inputs(
-    inputs: list[Tensor], sig: Signature, state: ServiceState, served: ServedArtifacts
+    inputs: list[Tensor], sig: Signature, state: ServiceState, served: ServedArtifacts, decoder: Any = None
 ) -> list[PreparedImage]:
     """The request's one input -> preprocessed images, one per batch entry."""
     for tensor in inputs:
@@ -101,7 +102,7 @@ async def model_inputs(
             raise ProtocolError(problem)
         return [PreparedImage(pixels[i], None) for i in range(count)]
     encoded = tensor.data if tensor.binary else [from_base64(item, i) for i, item in enumerate(tensor.data)]
-    prepared = await prepare_all(state, served, encoded, keep_original=False)
+    prepared = await prepare_all(state, served, encoded, keep_original=False, decoder=decoder)
     for i, item in enumerate(prepared):
         if isinstance(item, HTTPException):
             raise HTTPException(item.status_code, detail=f"input '{IMAGE_BYTES}' element {i}: {item.detail}")
@@ -165,7 +166,7 @@ async def compute_outputs(
 ) -> tuple[list[Tensor], int]:
     """Every output asked for, and their size in bytes (what the response cache counts)."""
     served = runtime.served
-    images = await model_inputs(inputs, sig, state, served)
+    images = await model_inputs(inputs, sig, state, served, runtime.decoder)
     answers = await infer(request, runtime, images, opts, policy)
     tensors = [output_tensor(out, answers, served) for out in wanted]
     size = sum(t.data.nbytes if isinstance(t.data, np.ndarray) else sum(map(len, t.data)) for t in tensors)

@@ -1,0 +1,149 @@
+"""Step 3 of a request (/classify and v2's `image_bytes`): uploads -> model inputs, each bad image its own error.
+
+1. shares        each request in flight decodes within its fair share of the decode pool (`DecodeShares`): the
+                 pool's threads divided by the requests decoding, at least one; so 64 huge PNGs of one client
+                 take the threads only while nobody else waits, and a second request's image starts as soon as
+                 one of them frees
+2. on the GPU    with PyTorch serving on CUDA (`Runtime.decoder`), the JPEGs of a request are decoded and
+                 preprocessed on the device in one call (service.gpu_decode): device tensors the batch stacks
+                 there; what it does not take (PNG, CMYK, a JPEG nvJPEG refuses) and CAM requests (the overlay
+                 needs the picture) go to step 3
+3. PIL           model.preprocess in the pool, one task per image (`service.inference.prepare_image`)
+4. errors        a failed image becomes its HTTPException (400 undecodable, 413 too large, 500 unexpected)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Executor
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
+
+from fastapi import HTTPException
+from PIL import Image
+
+from model.preprocess import ACCEPTED_FORMATS, ImageDecodeError, ImageTooLargeError
+
+from .artifacts import ServedArtifacts
+from .inference import PreparedImage, prepare_image
+from .tracing import step
+
+log = logging.getLogger("service")
+
+Run = Callable[..., Awaitable[Any]]  # run(fn, *args): fn(*args) in the decode pool, within the request's share
+
+
+class DecodeShares:
+    """The decode pool shared fairly: each request in flight runs at most workers // requests decodes at once
+    (at least one). A request over its share (others arrived) starts nothing new until it is within it again."""
+
+    def __init__(self, pool: Executor, workers: int) -> None:
+        self.pool = pool
+        self.workers = max(1, workers)
+        self.running: dict[object, int] = {}  # request -> its decodes in the pool
+        self._changed = asyncio.Condition()
+
+    def share(self) -> int:
+        return max(1, self.workers // max(1, len(self.running)))
+
+    @asynccontextmanager
+    async def request(self) -> AsyncIterator[Run]:
+        """One request's access to the pool, for the duration of the block: yields its `run`."""
+        key = object()
+        self.running[key] = 0
+        try:
+            yield partial(self._run, key)
+        finally:
+            del self.running[key]
+            async with self._changed:
+                self._changed.notify_all()  # the others' shares grew
+
+    async def _run(self, key: object, fn: Callable[..., Any], *args: Any) -> Any:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.running[key] < self.share())
+            self.running[key] += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        finally:
+            self.running[key] -= 1
+            async with self._changed:
+                self._changed.notify_all()
+
+
+def image_error(exc: Exception) -> HTTPException:
+    """The HTTP error for an image that failed to decode (400), is too large (413) or broke the decoder (500).
+
+    Each is that image's own error: in a request with several images the others are still answered.
+    """
+    if isinstance(exc, ImageTooLargeError):
+        return HTTPException(413, detail=f"{exc} (VITAE_MAX_IMAGE_PIXELS)")
+    if isinstance(exc, ImageDecodeError):
+        message = str(exc)
+        if "accepted" not in message.lower():
+            message += f"; accepted formats: {', '.join(ACCEPTED_FORMATS)}"
+        return HTTPException(400, detail=message)
+    log.error("preparing an image failed unexpectedly", exc_info=exc)
+    return HTTPException(500, detail=f"preparing this image failed unexpectedly ({type(exc).__name__})")
+
+
+async def prepare_all(
+    state: Any, served: ServedArtifacts, uploads: list[bytes], keep_original: bool, decoder: Any = None
+) -> list[PreparedImage | HTTPException]:
+    """Every upload -> its model input, or its own HTTPException; `decoder` (a GpuDecoder) takes the JPEGs first.
+
+    `state` is the ServiceState (its settings and decode shares).
+    """
+    prepare = partial(
+        prepare_image,
+        prep=served.preprocessing,
+        max_pixels=state.settings.max_image_pixels,
+        cam_max_side=state.settings.cam_max_side if keep_original else None,
+    )
+    async with state.decoding.request() as run:
+        on_device = [None] * len(uploads)
+        if decoder is not None and not keep_original:
+            on_device = await decode_on_device(run, decoder, uploads)
+        prepared = await asyncio.gather(
+            *(
+                prepare_one(run, prepare, data, index) if on_device[index] is None else ready(on_device[index])
+                for index, data in enumerate(uploads)
+            ),
+            return_exceptions=True,
+        )
+    return [image_error(p) if isinstance(p, Exception) else p for p in prepared]
+
+
+async def ready(pixels: Any) -> PreparedImage:
+    return PreparedImage(pixels, None)
+
+
+async def decode_on_device(run: Run, decoder: Callable[[list[bytes]], list], uploads: list[bytes]) -> list:
+    """The GPU decoder's model inputs for `uploads`, in one call; None for each one the PIL path must take."""
+    with step("decode", **{"vitae.images": len(uploads), "vitae.decoder": str(decoder.device)}):
+        try:
+            return await run(decoder, uploads)
+        except Exception as exc:  # the device path failing as a whole (e.g. out of memory): PIL takes them all
+            log.warning(
+                "decoding on %s failed (%s: %s); PIL decodes these uploads", decoder.device, type(exc).__name__, exc
+            )
+            return [None] * len(uploads)
+
+
+async def prepare_one(run: Run, prepare: Callable[[bytes], PreparedImage], data: bytes, index: int) -> PreparedImage:
+    """One upload through `prepare` in the pool, as a `decode` step naming the image's pixel size."""
+    with step("decode", **{"vitae.image.index": index, "vitae.image.bytes": len(data)}) as span:
+        image = await run(prepare, data)
+        if span.is_recording():
+            span.set_attributes(pixel_size(data))
+        return image
+
+
+def pixel_size(data: bytes) -> dict[str, int]:
+    """The upload's width and height as stored, from its header alone (before any reduced-size decoding)."""
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+    return {"vitae.image.width": width, "vitae.image.height": height}

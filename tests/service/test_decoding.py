@@ -1,0 +1,179 @@
+"""Step 3 of a request (service/decoding.py): the device decoder wired into /classify and v2's `image_bytes`, run
+here with device="cpu" (the tensor steps the GPU runs; PIL stands in for nvJPEG), and the decode pool shared fairly
+between requests."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+from support.images import drawn_image, encode
+from support.server import running, settings_for
+
+from service import create_app
+from service.artifacts import read_artifacts
+from service.backends import OnnxRuntimeBackend, TorchBackend
+from service.decoding import DecodeShares
+from service.gpu_decode import GpuDecoder
+from service.postprocess import top_k
+from service.runtime import image_decoder
+
+MODEL = "vitae_fmnist"
+JPEGS = [encode(drawn_image(seed, size=(60, 44)), "JPEG") for seed in range(3)]
+PNG = encode(drawn_image(7), "PNG")
+
+
+class TorchSeeingBatches(TorchBackend):
+    """The real PyTorch backend on CPU, recording what kind of batch each call gets."""
+
+    def __init__(self, served) -> None:
+        super().__init__(served, device="cpu", threads=1)
+        self.batches: list[str] = []
+
+    def infer(self, images, token_rows=None):
+        self.batches.append(type(images).__name__)
+        return super().infer(images, token_rows)
+
+
+class CountingDecoder(GpuDecoder):
+    """service.gpu_decode's decoder on the CPU, counting its calls; `gate` (when set) holds each call."""
+
+    calls: list[int]
+    gate: threading.Event | None
+
+    def __call__(self, uploads):
+        self.calls.append(len(uploads))
+        if self.gate is not None:
+            self.gate.wait(timeout=120)
+        return super().__call__(uploads)
+
+
+def with_decoder(app, gate: threading.Event | None = None) -> CountingDecoder:
+    runtime = app.state.service.runtime
+    decoder = CountingDecoder(runtime.served.preprocessing, "cpu", app.state.service.settings.max_image_pixels)
+    object.__setattr__(decoder, "calls", [])
+    object.__setattr__(decoder, "gate", gate)
+    runtime.decoder = decoder
+    return decoder
+
+
+def classify(url: str, *images: bytes, **params) -> httpx.Response:
+    files = [("file", (f"{i}.jpg", image, "application/octet-stream")) for i, image in enumerate(images)]
+    return httpx.post(f"{url}/classify", files=files, params={"top_k": 3, **params}, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def served(artifacts):
+    return read_artifacts(artifacts)
+
+
+def test_jpegs_are_decoded_by_the_device_decoder_and_the_batch_stacks_its_tensors(artifacts, served):
+    backend = TorchSeeingBatches(served)
+    app = create_app(settings_for(artifacts, max_delay_ms=200), backend=backend)
+    with running(app) as url:
+        decoder = with_decoder(app)
+        answer = classify(url, JPEGS[0], PNG, b"not an image", JPEGS[1])
+        assert answer.status_code == 200, answer.text
+        results = answer.json()["results"]
+        assert decoder.calls == [4] and backend.batches[-1] == "Tensor"
+        assert results[2]["error"]["status"] == 400 and "accepted formats" in results[2]["error"]["detail"]
+        expected_pixels = GpuDecoder(served.preprocessing, "cpu")([JPEGS[0], JPEGS[1]])
+        logits, _ = backend.infer(torch.stack(expected_pixels))
+        for got, row in zip([results[0], results[3]], logits, strict=True):
+            expected = top_k(row, served.class_names, 3)
+            assert [p["index"] for p in got["predictions"]] == [p.index for p in expected]
+            assert [p["score"] for p in got["predictions"]] == pytest.approx([p.score for p in expected], abs=1e-5)
+        assert results[1]["predictions"]  # the PNG went to the PIL path, in the same request
+
+
+def test_v2_image_bytes_take_the_device_decoder_and_cam_requests_the_pil_path(artifacts, served):
+    app = create_app(settings_for(artifacts), backend=TorchBackend(served, device="cpu", threads=1))
+    data = [base64.b64encode(jpeg).decode() for jpeg in JPEGS[:2]]
+    body = {"inputs": [{"name": "image_bytes", "shape": [2, 1], "datatype": "BYTES", "data": data}]}
+    with running(app) as url:
+        decoder = with_decoder(app)
+        answer = httpx.post(f"{url}/v2/models/{MODEL}/infer", json=body, timeout=120)
+        assert answer.status_code == 200, answer.text
+        assert decoder.calls == [2]
+        cam = classify(url, JPEGS[2], cam="true")
+        assert cam.status_code == 200 and cam.json()["cam"]["overlay_jpeg"], cam.text
+        assert decoder.calls == [2]  # the overlay needs the picture: PIL decoded it
+
+
+def test_a_cache_hit_skips_the_device_decoder(artifacts, served):
+    app = create_app(settings_for(artifacts, cache_mb=4), backend=TorchBackend(served, device="cpu", threads=1))
+    with running(app) as url:
+        decoder = with_decoder(app)
+        first, second = classify(url, JPEGS[0]), classify(url, JPEGS[0])
+        assert [first.headers["x-cache"], second.headers["x-cache"]] == ["miss", "hit"]
+        assert first.content == second.content and decoder.calls == [1]
+
+
+def test_the_deadline_covers_device_decoding(artifacts, served):
+    gate = threading.Event()
+    app = create_app(settings_for(artifacts), backend=TorchBackend(served, device="cpu", threads=1))
+    with running(app) as url:
+        decoder = with_decoder(app, gate)
+        try:
+            answer = httpx.post(
+                f"{url}/classify",
+                files=[("file", ("a.jpg", JPEGS[0], "image/jpeg"))],
+                headers={"X-Request-Timeout": "0.5"},
+                timeout=120,
+            )
+            assert answer.status_code == 504, answer.text
+            assert decoder.calls == [1]
+        finally:
+            gate.set()
+
+
+def test_only_pytorch_on_cuda_gets_a_device_decoder(artifacts, served):
+    settings = settings_for(artifacts)
+    assert image_decoder(settings, TorchBackend(served, device="cpu", threads=1), served) is None
+    assert image_decoder(settings, OnnxRuntimeBackend(served, gpu=False, threads=1), served) is None
+
+
+def test_a_request_over_its_share_of_the_pool_lets_another_requests_decode_start_first():
+    """Two threads, a request of 8 images holding both: once a second request arrives, the next thread that frees
+    goes to the second request's one image, not to the first request's third."""
+    started: list[str] = []
+    gates = {name: threading.Event() for name in [f"big{i}" for i in range(8)] + ["small"]}
+
+    def decode(name: str) -> str:
+        started.append(name)
+        gates[name].wait(timeout=120)
+        return name
+
+    async def request(shares: DecodeShares, names: list[str]) -> list[str]:
+        async with shares.request() as run:
+            return await asyncio.gather(*(run(decode, name) for name in names))
+
+    async def until(condition, what: str) -> None:
+        for _ in range(6000):  # 60 s at most
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"gave up waiting for {what}; started: {started}")
+
+    async def scenario() -> list[str]:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            shares = DecodeShares(pool, 2)
+            big = asyncio.create_task(request(shares, [f"big{i}" for i in range(8)]))
+            await until(lambda: len(started) == 2, "the big request to hold both threads")
+            small = asyncio.create_task(request(shares, ["small"]))
+            await until(lambda: len(shares.running) == 2, "the small request to join")
+            gates["big0"].set()
+            await until(lambda: len(started) == 3, "a third decode to start")
+            for gate in gates.values():
+                gate.set()
+            assert await small == ["small"] and len(await big) == 8
+            return started
+
+    order = asyncio.run(scenario())
+    assert order[2] == "small", order
+    assert sorted(order) == sorted(gates)
