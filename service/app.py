@@ -15,8 +15,10 @@ Layout (the FastAPI "bigger applications" shape):
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .backends import Backend
 from .cache import CACHE_HEADER, ResponseCache
@@ -34,6 +36,27 @@ from .middleware import (
 from .routes import admin, classify, docs, models, operations, ui, v2
 from .settings import Settings, get_settings
 from .tracing import Tracing
+from .v2.errors import error_body
+
+V2_ROUTES = (
+    "GET /v2, /v2/health/live, /v2/health/ready, /v2/models/stats; under /v2/models/{name} and "
+    "/v2/models/{name}/versions/{version}: GET '', /ready, /config, /stats and POST /infer"
+)
+
+
+async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """Paths and methods no route takes: under /v2 the protocol's {"error": ...} naming its routes, else FastAPI's."""
+    path = request.url.path
+    if path != "/v2" and not path.startswith("/v2/"):
+        return await http_exception_handler(request, exc)
+    if exc.status_code == 404:
+        message = f"no v2 route at {path}; the protocol's routes: {V2_ROUTES}"
+    elif exc.status_code == 405:
+        allowed = {k.lower(): v for k, v in (exc.headers or {}).items()}.get("allow", "see /docs")
+        message = f"{request.method} is not allowed on {path}; allowed: {allowed}"
+    else:
+        message = str(exc.detail)
+    return JSONResponse(error_body(message), status_code=exc.status_code, headers=exc.headers)
 
 
 async def body_too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
@@ -81,6 +104,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     app.add_middleware(RequestContextMiddleware, tracing=app.state.service.tracing)
     app.add_exception_handler(BodyTooLarge, body_too_large)
     app.add_exception_handler(BodyTimeout, body_timeout)
+    app.add_exception_handler(StarletteHTTPException, http_error)
 
     app.include_router(operations.router)
     app.include_router(classify.router)

@@ -33,6 +33,9 @@ DOCS_POLICY = "; ".join(
         "frame-ancestors 'none'",
     ]
 )
+# The OAuth2 redirect page only runs its inline script (it hands the token to the Swagger UI window that opened it).
+REDIRECT_POLICY = "default-src 'none'; script-src 'unsafe-inline'; base-uri 'none'; frame-ancestors 'none'"
+NOSNIFF = {"X-Content-Type-Options": "nosniff"}
 ASSETS = {
     "swagger-ui-bundle.js": "text/javascript",
     "swagger-ui.css": "text/css",
@@ -64,14 +67,16 @@ async def swagger_ui(request: Request) -> HTMLResponse:
         oauth2_redirect_url=app.swagger_ui_oauth2_redirect_url,
         swagger_ui_parameters=app.swagger_ui_parameters,
     )
-    page.headers["Content-Security-Policy"] = DOCS_POLICY
+    page.headers.update({"Content-Security-Policy": DOCS_POLICY, **NOSNIFF})
     return page
 
 
 @router.get("/docs/oauth2-redirect")
 async def swagger_ui_oauth2_redirect() -> HTMLResponse:
-    """Swagger UI's OAuth2 redirect page (FastAPI's, unchanged)."""
-    return get_swagger_ui_oauth2_redirect_html()
+    """Swagger UI's OAuth2 redirect page (FastAPI's), framed by no one."""
+    page = get_swagger_ui_oauth2_redirect_html()
+    page.headers.update({"Content-Security-Policy": REDIRECT_POLICY, **NOSNIFF})
+    return page
 
 
 @router.get("/redoc")
@@ -85,7 +90,7 @@ async def redoc(request: Request) -> HTMLResponse:
         redoc_favicon_url=asset_url(request, "favicon.png"),
         with_google_fonts=False,
     )
-    page.headers["Content-Security-Policy"] = DOCS_POLICY
+    page.headers.update({"Content-Security-Policy": DOCS_POLICY, **NOSNIFF})
     return page
 
 
@@ -95,4 +100,4 @@ async def docs_asset(name: str) -> FileResponse:
     media_type = ASSETS.get(name)
     if media_type is None:
         raise HTTPException(404, detail=f"no docs asset named {name!r}; the docs use {', '.join(ASSETS)}")
-    return FileResponse(assets_folder() / name, media_type=media_type)
+    return FileResponse(assets_folder() / name, media_type=media_type, headers=NOSNIFF)

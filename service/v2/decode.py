@@ -207,9 +207,23 @@ def _from_json(data: Any, datatype: str, shape: list[int], count: int, where: st
         raise ProtocolError(f"{where}: 'data' must be a flat list of numbers, or nested lists of one shape") from None
     if values.dtype.kind not in "biuf":
         raise ProtocolError(f"{where}: {datatype} data must be numbers")
+    if datatype != "BOOL" and _holds_booleans(data):  # numpy would read true and false as 1 and 0
+        raise ProtocolError(
+            f"{where}: {datatype} data must be JSON numbers, got true or false (accepted: numbers, or the tensor as "
+            "binary data; booleans only as BOOL data)"
+        )
     if values.size != count:
         raise ProtocolError(f"{where}: shape {shape} needs {count} values, 'data' holds {values.size}")
     return values.astype(NUMPY_TYPES[datatype]).reshape(shape)
+
+
+def _holds_booleans(data: Any) -> bool:
+    """Whether JSON data holds true or false at any depth (the types of a flat list are collected in C)."""
+    if not isinstance(data, list):
+        return isinstance(data, bool)
+    if data and isinstance(data[0], list):
+        return any(_holds_booleans(row) for row in data)
+    return bool in set(map(type, data))
 
 
 def _flatten(data: list) -> Any:

@@ -73,6 +73,20 @@ def test_headers_that_never_end_get_408_and_the_connection_closes(url):
     assert "VITAE_HEADER_TIMEOUT_S" in answer.json()["detail"]
 
 
+def test_many_connections_with_half_sent_headers_are_all_closed_after_the_header_timeout(url):
+    sockets = [socket.create_connection(host_port(url)) for _ in range(100)]
+    try:
+        for sock in sockets:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Half: ")
+        # Each is answered 408 and closed by the server (read_response returns once it closes; 30 s would be a hang).
+        answers = [read_response(sock) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert [a.status if a else None for a in answers] == [408] * len(sockets)
+    assert healthy(url)
+
+
 def test_an_idle_connection_is_closed_quietly(url):
     with socket.create_connection(host_port(url)) as sock:
         assert read_response(sock) is None  # closed without an answer: there was no request
