@@ -64,6 +64,27 @@ def _load_explainer(served: ServedArtifacts) -> AutogradGradCAM | None:
     return AutogradGradCAM(rebuild_model(served.metadata, weights))
 
 
+def artifacts_mismatch(served: ServedArtifacts, backend: Backend) -> str | None:
+    """One line when the backend is not the one the artifacts were made for, else None: a TensorRT plan served by
+    another backend, an OpenVINO int8 export served by another, or artifacts without a plan served on a GPU."""
+    meta, where = served.metadata, f"{getattr(backend, 'name', '?')} on {getattr(backend, 'device', '?')}"
+    on_gpu = str(getattr(backend, "device", "cpu")).startswith("cuda")
+    if "plan" in meta.files and getattr(backend, "name", None) != "tensorrt":
+        gpu = (meta.tensorrt or {}).get("gpu_name", "a GPU")
+        return (
+            f"{served.folder} holds a TensorRT plan built for {gpu}, but {where} serves it (the plan is unused; "
+            "VITAE_BACKEND=tensorrt on that GPU uses it)"
+        )
+    if meta.settings.get("cpu_int8") and (getattr(backend, "name", None) != "openvino" or on_gpu):
+        return f"{served.folder} was exported with an OpenVINO int8 model for CPU, but {where} serves it in fp32"
+    if "plan" not in meta.files and on_gpu:
+        return (
+            f"{served.folder} was exported without a TensorRT plan (a CPU export), but {where} serves it; "
+            "export on this GPU (python -m export) for the TensorRT plan"
+        )
+    return None
+
+
 async def choose_backend(settings: Settings, served: ServedArtifacts, given: Backend | None) -> tuple[Backend, str]:
     """The backend to serve `served` with, and why; `given` (benchmarks, fault-injection tests) wins."""
     if given is not None:
@@ -79,6 +100,10 @@ async def choose_backend(settings: Settings, served: ServedArtifacts, given: Bac
         settings.infer_streams,
         settings.gpu_precision,
     )
+    mismatch = artifacts_mismatch(served, selection.backend)
+    if mismatch:
+        log.warning("%s", mismatch)
+        return selection.backend, f"{selection.reason}; NOTE: {mismatch}"
     return selection.backend, selection.reason
 
 

@@ -8,6 +8,7 @@ from fastapi.responses import JSONResponse, Response
 from ..backends import precision_of, streams_of
 from ..dependencies import ApiKeyDep, RuntimeDep, StateDep
 from ..lifecycle import Status
+from ..runtime import artifacts_mismatch
 
 router = APIRouter(tags=["operations"])
 
@@ -29,6 +30,9 @@ async def readyz(state: StateDep) -> JSONResponse:
         body |= {"model": rt.served.name, "version": rt.served.version, "backend": rt.backend.name}
         body |= {"device": rt.backend.device, "precision": precision_of(rt.backend), "streams": streams_of(rt.backend)}
         body["reason"] = rt.reason
+        mismatch = artifacts_mismatch(rt.served, rt.backend)
+        if mismatch:
+            body["artifacts_mismatch"] = mismatch
         if getattr(rt.backend, "precision_gate", None):  # the PyTorch-CUDA backend's measured precision choice
             body["precision_gate"] = rt.backend.precision_gate
     if state.error:
