@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+
+from pydantic import ValidationError
+
 from .app import create_app
 from .logs import configure_logging
 from .server import serve
@@ -9,7 +13,11 @@ from .settings import get_settings
 
 
 def main() -> None:
-    settings = get_settings()
+    try:
+        settings = get_settings()
+    except ValidationError as exc:  # one line per wrong variable, no traceback
+        problems = "; ".join(f"VITAE_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+        sys.exit(f"the service's settings are wrong: {problems}")
     configure_logging(settings.log_level, settings.log_format)  # uvicorn's own lines go through it too
     serve(create_app(settings), settings)
 

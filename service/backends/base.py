@@ -75,7 +75,7 @@ def wants_gpu(device: str) -> bool | None:
         return None
     if device == "cpu":
         return False
-    if device == "cuda" or device.startswith("cuda:"):
+    if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
         return True
     raise ValueError(f"VITAE_DEVICE must be auto, cpu, cuda or cuda:N, got {device!r}")
 

@@ -80,10 +80,17 @@ class OpenVINOBackend:
         compute = "fp32" if choice.precision == "int8" else choice.precision
         self.cache_dir = cache_dir or served.folder / CACHE_FOLDER
         try:
-            self.compiled = compile_cpu(path, compute, threads=threads, streams=streams, cache_dir=self.cache_dir)
-        except OSError as exc:  # a read-only artifacts folder: compile every start rather than not serve
-            log.warning("cannot write the OpenVINO cache in %s (%s); compiling without it", self.cache_dir, exc)
-            self.compiled = compile_cpu(path, compute, threads=threads, streams=streams)
+            try:
+                self.compiled = compile_cpu(path, compute, threads=threads, streams=streams, cache_dir=self.cache_dir)
+            except OSError as exc:  # a read-only artifacts folder: compile every start rather than not serve
+                log.warning("cannot write the OpenVINO cache in %s (%s); compiling without it", self.cache_dir, exc)
+                self.compiled = compile_cpu(path, compute, threads=threads, streams=streams)
+        except RuntimeError as exc:  # OpenVINO's own, many lines from core.cpp down: the line that says why
+            raise BackendUnavailable(
+                f"OpenVINO cannot compile {path} ({openvino_reason(exc)}); it is not a model the export writes: "
+                f"export the checkpoint again into {served.folder} (python -m export), or remove the folder and "
+                "start with VITAE_AUTO_EXPORT=true"
+            ) from exc
         self.streams = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         self._requests: queue.SimpleQueue | None = queue.SimpleQueue()  # the idle infer requests, one per stream
         for _ in range(self.streams):
@@ -109,3 +116,10 @@ class OpenVINOBackend:
         # Dropped, not emptied: a call after close fails at once instead of waiting for a request forever.
         self._requests = None
         self.compiled = None
+
+
+def openvino_reason(exc: Exception) -> str:
+    """The telling lines of an OpenVINO exception, on one line (its 'Exception from <file>:<line>' chain left out)."""
+    lines = [line.strip() for line in str(exc).splitlines()]
+    telling = [line for line in lines if line and not line.startswith(("Exception from", "Check '"))]
+    return " ".join(telling)[:300] or type(exc).__name__
