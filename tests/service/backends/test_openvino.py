@@ -229,8 +229,8 @@ def test_forced_bf16_is_used_when_safe_and_fp32_always_is():
 
 
 def test_an_unknown_precision_names_the_accepted_ones():
-    with pytest.raises(ValueError, match="auto, bf16, fp32"):
-        choose_cpu_precision("int8", native_bf16=True, export_report=SAFE)
+    with pytest.raises(ValueError, match="auto, bf16, int8, fp32"):
+        choose_cpu_precision("fp8", native_bf16=True, export_report=SAFE)
 
 
 def test_native_bf16_from_openvino_capabilities_or_cpu_flags():
