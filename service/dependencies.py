@@ -55,7 +55,7 @@ async def get_runtime(request: Request, state: Annotated[ServiceState, Depends(g
 
 
 bearer_scheme = HTTPBearer(auto_error=False, description="VITAE_API_KEY as a Bearer token")
-api_key_scheme = APIKeyHeader(name="X-API-Key", auto_error=False, description="VITAE_API_KEY")
+api_key_scheme = APIKeyHeader(name="X-API-Key", scheme_name="ApiKey", auto_error=False, description="VITAE_API_KEY")
 
 
 async def check_api_key(
@@ -99,7 +99,10 @@ async def get_policy(
         raise HTTPException(400, detail=str(exc)) from None
 
 
-admin_key_scheme = APIKeyHeader(name="X-Admin-Key", auto_error=False, description="VITAE_ADMIN_KEY")
+# Its own scheme name: two APIKeyHeader schemes under the default name would merge into one in the OpenAPI schema.
+admin_key_scheme = APIKeyHeader(
+    name="X-Admin-Key", scheme_name="AdminKey", auto_error=False, description="VITAE_ADMIN_KEY"
+)
 
 
 async def check_admin_key(

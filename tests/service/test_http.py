@@ -425,3 +425,15 @@ def test_cors_is_off_by_default_and_on_for_configured_origins(url, strict_url):
     assert allowed.headers["access-control-allow-origin"] == "https://ui.example"
     other = httpx.options(f"{strict_url}/classify", headers=preflight | {"Origin": "https://evil.example"})
     assert "access-control-allow-origin" not in other.headers
+
+
+def test_the_openapi_schema_names_each_key_header_where_it_applies(artifacts):
+    from service import create_app
+
+    schema = create_app(settings_for(artifacts, api_key="k", admin_key="a")).openapi()
+    schemes = schema["components"]["securitySchemes"]
+    headers = {name: scheme.get("name") for name, scheme in schemes.items() if scheme["type"] == "apiKey"}
+    classify = {name for option in schema["paths"]["/classify"]["post"]["security"] for name in option}
+    assert {headers[name] for name in classify if name in headers} == {"X-API-Key"}  # not the admin key
+    admin = next(op for path, ops in schema["paths"].items() if path.startswith("/admin/") for op in ops.values())
+    assert {headers[name] for option in admin["security"] for name in option} == {"X-Admin-Key"}
