@@ -48,7 +48,7 @@ OUTSIDE_MODULES = set(sys.stdlib_module_names) | {"pip"}
 # nginx all assume them.
 FIXED_SETTINGS = {"host", "port"}
 # Paths inside a container: set per service next to the volume that holds them, never taken from the host.
-CONTAINER_PATH_SETTINGS = {"artifacts", "checkpoint"}
+CONTAINER_PATH_SETTINGS = {"artifacts", "model_repository", "checkpoint"}
 ENV_PREFIX = Settings.model_config["env_prefix"]
 SETTINGS_PORT = Settings.model_fields["port"].default
 
