@@ -39,6 +39,7 @@ class ModelHost(Protocol):
     metrics: Metrics
     tracing: Tracing
 
+
 log = logging.getLogger("service")
 
 
