@@ -16,6 +16,8 @@ const page = {
   chooseButton: document.getElementById("choose-button"),
   clearButton: document.getElementById("clear-button"),
   topK: document.getElementById("top-k"),
+  modelLabel: document.getElementById("model-label"),
+  modelSelect: document.getElementById("model-select"),
   cards: document.getElementById("cards"),
   template: document.getElementById("card-template"),
 };
@@ -122,9 +124,35 @@ function showModel(model) {
   page.modelInfo.textContent = parts.join(" · ");
 }
 
+/** The model picked on the page, or "" for the service's default (the picker shows only with several models). */
+function chosenModel() {
+  return page.modelSelect.hidden ? "" : page.modelSelect.value;
+}
+
+/** Fills the model picker from GET /models when the service serves more than one model. */
+async function loadModels() {
+  let models = [];
+  try {
+    models = ((await callService("models")) || {}).models || [];
+  } catch (error) {
+    return; // a service without /models, or one that needs a key first: the default model it is
+  }
+  if (models.length < 2) return;
+  page.modelSelect.replaceChildren(
+    ...models.map((model) => {
+      const label = model.version ? `${model.name} (version ${model.version})` : model.name;
+      const option = new Option(model.state === "ready" ? label : `${label}, ${model.state}`, model.name);
+      option.selected = Boolean(model.default);
+      return option;
+    }),
+  );
+  page.modelSelect.hidden = page.modelLabel.hidden = false;
+}
+
 async function loadModel() {
   try {
-    showModel((await callService("model")) || {});
+    const chosen = chosenModel();
+    showModel((await callService(chosen ? `model?${new URLSearchParams({ model: chosen })}` : "model")) || {});
   } catch (error) {
     if (error.status === 401) {
       page.modelInfo.textContent = "Model details need the API key.";
@@ -272,6 +300,7 @@ async function classify(card, camClass = card.camClass) {
   const request = ++card.request; // only the latest answer of a card is drawn
   const params = new URLSearchParams({ cam: "true", top_k: String(topK()) });
   if (camClass !== null && camClass !== undefined) params.set("cam_class", String(camClass));
+  if (chosenModel()) params.set("model", chosenModel());
   const form = new FormData();
   form.append("file", card.file, card.file.name || "pasted-image");
   card.element.setAttribute("aria-busy", "true");
@@ -413,4 +442,5 @@ document.addEventListener("paste", (event) => {
   }
 });
 
-loadModel();
+page.modelSelect.addEventListener("change", loadModel);
+loadModels().then(loadModel);

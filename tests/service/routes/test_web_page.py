@@ -352,6 +352,32 @@ def test_the_page_fits_a_phone_width_screen(offline, demo_url):
     assert page.errors == []
 
 
+def test_with_several_models_the_page_lets_a_person_pick_one(offline, tmp_path, artifacts, tiny_rgb_checkpoint):
+    from benchmarks.harness import publish_version
+
+    repo = tmp_path / "repo"
+    publish_version(repo, "tiny", "1", artifacts)  # 10 Fashion-MNIST classes, the default
+    publish_version(repo, "rgb", "1", exported(tiny_rgb_checkpoint))  # 5 classes named class_0 ... class_4
+    with serving(artifacts, model_repository=repo, default_model="tiny") as base:
+        page = offline().open(f"{base}/")
+        picker = page.locator("#model-select")
+        picker.wait_for(state="visible")
+        assert picker.input_value() == "tiny"
+        page.locator("#model-info", has_text="10 classes").wait_for()
+        picker.select_option("rgb")
+        page.locator("#model-info", has_text="5 classes").wait_for()
+        upload(page, ANKLE_BOOT)
+        assert card_top1(page.locator(".card").first).startswith("class_")  # answered by the model picked
+        assert page.errors == []
+
+
+def test_one_model_shows_no_picker(offline, artifacts):
+    with serving(artifacts) as base:
+        page = offline().open(f"{base}/")
+        page.locator("#model-info", has_text="10 classes").wait_for()
+        assert page.locator("#model-select").is_hidden()
+
+
 def test_with_an_api_key_the_page_asks_for_it_and_sends_it(offline, artifacts):
     with serving(artifacts, api_key="page-secret") as base:
         page = offline().open(f"{base}/")
