@@ -1,6 +1,7 @@
 """The service against its own engine and against what a user gets without it, in one run (not a test).
 
     python benchmarks/bench_service.py [--checkpoint PATH --variant vitae_t] [--requests 384] [--concurrency 32]
+                                       [--cpu-precision auto|bf16|int8|fp32] [--out DIR (kept; reused when exported)]
 
 Exports ViTAE-T at 224 with this project (the release's weights from ../shared/reference when present, else
 random weights), and separately with a plain `torch.onnx.export` of the same weights. Then, with real JPEG
@@ -8,17 +9,22 @@ photos (400-800 px) at `--concurrency` closed-loop clients (each sends its next 
 answered), it measures:
   * raw engine: the backend the service picks (`auto`: OpenVINO, bf16 where safe) on preprocessed inputs,
     batch 1..max, median of 3 interleaved rounds, best batch reported; ONNX Runtime fp32 likewise for reference;
-  * the service (`python -m service`), with cam=false and with cam=true;
+    and the same engine's batch-1 latency with one stream on every core (OpenVINO's LATENCY hint);
+  * the service (`python -m service`, response cache off: the photos repeat), with cam=false and with cam=true,
+    and one lone client sending one photo at a time;
   * naive: the plain export in ONNX Runtime behind a FastAPI endpoint, one `session.run` per request;
   * LitServe: the plain export in ONNX Runtime behind LitServe with its batching (pip extra `bench`).
-and prints the ratios against the goals. Servers and load generator share the machine, as on one host;
-on a shared machine absolute figures drift between runs, so compare the ratios within one run.
+and prints the ratios against the goals, and the server's CPU per image outside its engine (the service's CPU per
+image less the raw engine's). Servers and load generator share the machine, as on one host; the load generator is
+a bare keep-alive HTTP/1.1 client (harness.LeanConnection), so that it takes little of the servers' cores. On a
+shared machine absolute figures drift between runs, so compare the ratios within one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -27,6 +33,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlencode
 
 import httpx
 import numpy as np
@@ -42,16 +49,30 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from harness import closed_loop, cpu_seconds, free_port, real_jpegs, service_env, start, stop  # noqa: E402
+from harness import (  # noqa: E402
+    Prepared,
+    cpu_seconds,
+    free_port,
+    lean_closed_loop,
+    multipart_body,
+    real_jpegs,
+    service_env,
+    start,
+    stop,
+    thread_cpu_seconds,
+)
 from results import add_record_option, record  # noqa: E402
 
 REFERENCE = ROOT.parent / "shared" / "reference" / "vitae_t_official.safetensors"
-GOALS = {  # what the service must reach, as a multiple of each baseline
-    "service / naive endpoint": 1.5,
-    "service / LitServe": 1.7,
-    "service / its raw engine": 0.90,
-    "service cam=true / cam=false": 0.90,
+GOALS = {  # name -> (goal, True: at least / False: at most)
+    "service / naive endpoint": (2.5, True),
+    "service / LitServe": (1.7, True),
+    "service / its raw engine": (0.80, True),
+    "service cam=true / cam=false": (0.90, True),
+    "lone client p50 / raw batch-1 latency": (1.35, False),
+    "server CPU ms/image outside the engine": (4.0, False),
 }
+LONE_REQUESTS = 64
 
 
 # ------------------------------------------------------------------ inputs
@@ -209,52 +230,81 @@ def calls_for(backend, x: np.ndarray, stop: float) -> int:
     return runs
 
 
-def raw_engine(
-    backend, pixels: np.ndarray, max_batch: int, label: str, rounds: int = 3, seconds: float = 2.0
-) -> tuple[dict[int, float], dict[int, float]]:
-    """Images/s and CPU ms/image of `backend.infer` per batch size, with as many calls in flight as it has
-    streams: medians of `rounds` interleaved rounds (every batch size once a round), so drift on a shared machine
-    hits all alike and one lucky window does not set the figure. CPU is this process's, i.e. the engine's."""
+def raw_throughput(backend, x: np.ndarray, seconds: float) -> tuple[float, float]:
+    """Images/s and CPU ms/image of `backend.infer(x)` with as many calls in flight as it has streams, for
+    `seconds`. CPU is this process's, i.e. the engine's."""
     from service.backends import streams_of
 
     streams = streams_of(backend)
+    backend.infer(x)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    with ThreadPoolExecutor(streams) as pool:
+        runs = sum(pool.map(calls_for, [backend] * streams, [x] * streams, [started + seconds] * streams))
+    images = runs * len(x)
+    return images / (time.perf_counter() - started), 1000 * (time.process_time() - cpu_started) / images
+
+
+def batch_of(pixels: np.ndarray, batch: int) -> np.ndarray:
+    """`batch` images cycled from `pixels` (N, C, S, S)."""
+    return np.ascontiguousarray(np.resize(pixels, (batch, *pixels.shape[1:])))
+
+
+def raw_engine(
+    backend, pixels: np.ndarray, max_batch: int, label: str, rounds: int = 3, seconds: float = 2.0
+) -> tuple[dict[int, float], dict[int, float]]:
+    """raw_throughput per batch size: medians of `rounds` interleaved rounds (every batch size once a round), so
+    drift on a shared machine hits all alike and one lucky window does not set the figure."""
+    from service.backends import streams_of
+
     batches = sorted({1, 2, 4, 8, 16, max_batch})
-    inputs = {b: np.ascontiguousarray(np.resize(pixels, (b, *pixels.shape[1:]))) for b in batches}
     figures: dict[int, list[float]] = {b: [] for b in batches}
     cpu: dict[int, list[float]] = {b: [] for b in batches}
     for _ in range(rounds):
         for batch in batches:
-            x = inputs[batch]
-            backend.infer(x)
-            started, cpu_started = time.perf_counter(), time.process_time()
-            with ThreadPoolExecutor(streams) as pool:
-                runs = sum(pool.map(calls_for, [backend] * streams, [x] * streams, [started + seconds] * streams))
-            figures[batch].append(runs * batch / (time.perf_counter() - started))
-            cpu[batch].append(1000 * (time.process_time() - cpu_started) / (runs * batch))
+            speed, cpu_ms = raw_throughput(backend, batch_of(pixels, batch), seconds)
+            figures[batch].append(speed)
+            cpu[batch].append(cpu_ms)
     results, cpu_ms = {}, {}
     for batch in batches:
         results[batch], cpu_ms[batch] = float(np.median(figures[batch])), float(np.median(cpu[batch]))
         spread = ", ".join(f"{f:.1f}" for f in figures[batch])
         print(
-            f"  {label}, {streams} stream(s), batch {batch:3d}: {results[batch]:7.1f} images/s (rounds: {spread}), "
-            f"CPU {cpu_ms[batch]:.0f} ms/image"
+            f"  {label}, {streams_of(backend)} stream(s), batch {batch:3d}: {results[batch]:7.1f} images/s "
+            f"(rounds: {spread}), CPU {cpu_ms[batch]:.0f} ms/image"
         )
     return results, cpu_ms
 
 
-async def drive(url: str, jpegs: list[bytes], concurrency: int, total: int, request, server_cpu) -> dict[str, float]:
-    """Closed loop: `concurrency` clients, `total` requests; `request(http, data)` sends one.
+def raw_latency_ms(backend, pixels: np.ndarray, calls: int = 60) -> float:
+    """Median wall time of `backend.infer` on one image, one call at a time (after a warm-up call)."""
+    x = np.ascontiguousarray(pixels[:1])
+    backend.infer(x)
+    times = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        backend.infer(x)
+        times.append(time.perf_counter() - started)
+    return 1000 * float(np.median(times))
 
-    Also the server's CPU time per answered image (`server_cpu()` reads its CPU seconds): what the
-    server spends on one image whatever else runs on the machine, the steadier figure on a loaded one; and the
-    load generator's (this process), which shares the machine with the server.
+
+async def drive(port: int, jpegs: list[bytes], concurrency: int, total: int, request, server) -> dict[str, float]:
+    """Closed loop: `concurrency` clients, `total` requests; `request(data)` is the request that sends one photo.
+
+    Also the server's CPU time per answered image (`server`'s process group, from /proc): what the server spends on
+    one image whatever else runs on the machine, the steadier figure on a loaded one, and the same split by its
+    threads' roles (harness.thread_cpu_seconds: event loop, decode, batch workers, engine); and the load
+    generator's (this process), which shares the machine with the server.
     """
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=300) as http:
-        await asyncio.gather(*(request(http, jpegs[i % len(jpegs)]) for i in range(concurrency)))  # warm up
-        cpu_started, own_started = server_cpu(), time.process_time()
-        loop = await closed_loop(http, concurrency, total, lambda http, i: request(http, jpegs[i % len(jpegs)]))
-        cpu, own = server_cpu() - cpu_started, time.process_time() - own_started
+    requests = [request(data) for data in jpegs]
+    await lean_closed_loop("127.0.0.1", port, concurrency, concurrency, lambda i: requests[i % len(requests)])  # warm
+    cpu_started, roles_started, own_started = (
+        cpu_seconds(server.pid),
+        thread_cpu_seconds(server.pid),
+        time.process_time(),
+    )
+    loop = await lean_closed_loop("127.0.0.1", port, concurrency, total, lambda i: requests[i % len(requests)])
+    cpu, own = cpu_seconds(server.pid) - cpu_started, time.process_time() - own_started
+    roles = {role: spent - roles_started[role] for role, spent in thread_cpu_seconds(server.pid).items()}
     answered = len(loop.latencies_s)
     ms = np.array(loop.latencies_s) * 1000 if answered else np.array([np.nan])  # no answer at all: nan, not a crash
     return {
@@ -264,27 +314,33 @@ async def drive(url: str, jpegs: list[bytes], concurrency: int, total: int, requ
         "cpu_ms_per_image": 1000 * cpu / max(1, answered),
         "client_cpu_ms_per_image": 1000 * own / max(1, answered),
         "errors": loop.errors,
-    }
+    } | {f"{role} cpu_ms_per_image": 1000 * spent / max(1, answered) for role, spent in roles.items()}
 
 
-def raw_jpeg(path: str, **params):
-    async def send(http: httpx.AsyncClient, data: bytes) -> httpx.Response:
-        return await http.post(path, content=data, headers={"content-type": "image/jpeg"}, params=params)
+def raw_jpeg(path: str, **params: str):
+    """The photo as the request body (content-type image/jpeg), `params` as the query."""
+    target = path + ("?" + urlencode(params) if params else "")
 
-    return send
+    def prepared(data: bytes) -> Prepared:
+        return "POST", target, {"content-type": "image/jpeg"}, data
+
+    return prepared
 
 
 def multipart(path: str):
-    async def send(http: httpx.AsyncClient, data: bytes) -> httpx.Response:
-        return await http.post(path, files={"file": ("photo.jpg", data, "image/jpeg")})
+    """The photo as the multipart/form-data field `file` (what LitServe's API reads)."""
 
-    return send
+    def prepared(data: bytes) -> Prepared:
+        headers, body = multipart_body("file", "photo.jpg", data, "image/jpeg")
+        return "POST", path, headers, body
+
+    return prepared
 
 
 def measure(
-    name: str, url: str, jpegs: list[bytes], concurrency: int, total: int, request, server: subprocess.Popen
+    name: str, port: int, jpegs: list[bytes], concurrency: int, total: int, request, server: subprocess.Popen
 ) -> dict[str, float]:
-    r = asyncio.run(drive(url, jpegs, concurrency, total, request, lambda: cpu_seconds(server.pid)))
+    r = asyncio.run(drive(port, jpegs, concurrency, total, request, server))
     print(
         f"  {name:22s} c={concurrency}: {r['images_per_s']:6.1f} images/s  p50 {r['p50']:6.0f} ms  "
         f"p95 {r['p95']:6.0f} ms  server CPU {r['cpu_ms_per_image']:4.0f} ms/image  "
@@ -301,18 +357,27 @@ class Run:
     """One run's figures: the raw engines per batch size, then each server under the same closed-loop load."""
 
     clients: int
-    engine: str  # e.g. "openvino fp32, 2 stream(s)"
+    engine: str  # e.g. "openvino bf16, 2 stream(s)"
     raw: dict[int, float]  # images/s per batch
     raw_cpu: dict[int, float]  # CPU ms/image per batch
     ort_raw: dict[int, float]
     service: dict[str, float]  # drive()'s figures
     cam: dict[str, float]
-    naive: dict[str, float]
-    litserve: dict[str, float] | None  # None: LitServe is not installed
+    naive: dict[str, float] | None  # None: --skip-baselines
+    litserve: dict[str, float] | None  # None: LitServe is not installed, or --skip-baselines
+    raw_latency_ms: float | None = None  # the engine's batch-1 latency, one stream on every core
+    lone: dict[str, float] | None = None  # drive()'s figures for one client, one photo at a time
+    cpu: str = ""  # the CPU's model and the flags that decide its kernels
+    beside: tuple[float, float] | None = None  # the engine at the best batch in the service's rounds: images/s, CPU
 
     @property
     def best_batch(self) -> int:
         return max(self.raw, key=self.raw.get)
+
+    @property
+    def engine_speed(self) -> tuple[float, float]:
+        """The engine's images/s and CPU ms/image at its best batch: from the rounds beside the service if any."""
+        return self.beside or (self.raw[self.best_batch], self.raw_cpu[self.best_batch])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -326,48 +391,106 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-delay-ms", type=float, default=10.0)
     parser.add_argument("--cpu-precision", default="auto", help="the service's VITAE_CPU_PRECISION")
     parser.add_argument("--streams", type=int, default=0, help="the service's VITAE_INFER_STREAMS (0: the backend's)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of engine and service, interleaved")
+    parser.add_argument("--cpu-int8", action="store_true", help="the export also measures int8 (python -m export's)")
+    parser.add_argument("--skip-baselines", action="store_true", help="measure the engine and the service only")
     add_record_option(parser)
     return parser.parse_args(argv)
 
 
+def cpu_description() -> str:
+    """The CPU's model and the flags that decide which kernels run (what every figure was measured on)."""
+    from export.precision import cpu_flags, cpu_kind, cpu_model
+
+    flags = cpu_flags()
+    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8") if f in flags]
+    return f"{cpu_model()}, {os.cpu_count()} cores, kind {cpu_kind(flags)} ({' '.join(shown) or 'none of avx2+'})"
+
+
 def export_both(args: argparse.Namespace, artifacts: Path, workdir: Path) -> Path:
-    """This project's export into `artifacts` and the plain one beside it; the plain export's path."""
+    """This project's export into `artifacts` (kept when `--out` already holds one) and the plain one beside it;
+    the plain export's path."""
     import export
 
-    print(f"machine: {os.cpu_count()} CPU cores; exporting {args.variant} to {artifacts}")
-    checkpoint = checkpoint_or_random(args.checkpoint, args.variant, workdir)
-    meta = export.export_artifacts(
-        checkpoint, artifacts, variant=args.variant, max_batch=args.max_batch, precision="fp32"
-    )
+    plain = artifacts / "plain.onnx"
+    if (artifacts / "metadata.json").is_file() and plain.is_file():
+        print(f"reusing the export in {artifacts}")
+        meta = json.loads((artifacts / "metadata.json").read_text())
+    else:
+        print(f"exporting {args.variant} to {artifacts}")
+        checkpoint = checkpoint_or_random(args.checkpoint, args.variant, workdir)
+        meta = export.export_artifacts(
+            checkpoint,
+            artifacts,
+            variant=args.variant,
+            max_batch=args.max_batch,
+            precision="fp32",
+            cpu_int8=args.cpu_int8,
+        )
+        plain_export(artifacts, plain)
     bf16 = meta["cpu_bf16"]
     print(
         f"export's bf16 check: safe={bf16['safe']} ({bf16['reason']}); agreement {bf16['top1_agreement']} %, "
         f"max logit diff {bf16['max_logit_diff']} on {bf16['inputs']}"
     )
-    return plain_export(artifacts, workdir / "plain.onnx")
+    return plain
+
+
+@dataclass
+class Engines:
+    """The engine the service picks, as the service runs it (`engine`) and with one stream on every core
+    (`single`, for batch-1 latency), open in this process for the rounds interleaved with the service."""
+
+    engine: object
+    single: object
+    pixels: np.ndarray  # the photos preprocessed, (N, C, S, S)
+
+    def close(self) -> None:
+        self.engine.close()
+        self.single.close()
 
 
 def measure_raw_engines(artifacts: Path, jpegs: list[bytes], args: argparse.Namespace) -> tuple:
-    """The engine the service picks, and ONNX Runtime fp32, in this process: (what, raw, raw CPU, ORT raw)."""
+    """The engine the service picks, swept over batch sizes, and ONNX Runtime fp32 likewise, in this process:
+    (Engines, what, raw, raw CPU, ORT raw)."""
     from service.artifacts import read_artifacts
     from service.backends import OnnxRuntimeBackend, select_backend
 
     served = read_artifacts(artifacts)
     pixels = preprocessed(artifacts, jpegs)
+    ort = OnnxRuntimeBackend(served, gpu=False, streams=args.streams)
+    ort_raw, _ = raw_engine(ort, pixels, args.max_batch, "onnxruntime fp32")
+    ort.close()
     selection = select_backend("auto", served, device="cpu", cpu_precision=args.cpu_precision, streams=args.streams)
     engine = selection.backend
     print(f"raw engine: {engine.name} {engine.precision} ({selection.reason})")
     raw, raw_cpu = raw_engine(engine, pixels, args.max_batch, f"{engine.name} {engine.precision}")
     what = f"{engine.name} {engine.precision}, {engine.streams} stream(s)"
-    engine.close()
-    ort = OnnxRuntimeBackend(served, gpu=False, streams=args.streams)
-    ort_raw, _ = raw_engine(ort, pixels, args.max_batch, "onnxruntime fp32")
-    ort.close()
-    return what, raw, raw_cpu, ort_raw
+    single = select_backend("auto", served, device="cpu", cpu_precision=args.cpu_precision, streams=1).backend
+    return Engines(engine, single, pixels), what, raw, raw_cpu, ort_raw
 
 
-def measure_service(artifacts: Path, jpegs: list[bytes], best_batch: int, args, workdir: Path) -> tuple[dict, dict]:
-    """`python -m service` with cam=false, then cam=true: drive()'s figures for each."""
+def median_figures(rounds: list[dict[str, float]]) -> dict[str, float]:
+    """Per figure, the median over rounds (drive()'s dicts)."""
+    return {key: float(np.median([r[key] for r in rounds])) for key in rounds[0]}
+
+
+@dataclass
+class Interleaved:
+    """What measure_service's rounds give: each figure the median of its rounds."""
+
+    raw: float  # the engine at the service's batch, images/s
+    raw_cpu: float  # its CPU ms/image
+    raw_latency_ms: float  # batch 1 on `Engines.single`
+    service: dict[str, float]
+    cam: dict[str, float]
+    lone: dict[str, float]
+
+
+def measure_service(engines: Engines, artifacts: Path, jpegs: list[bytes], best_batch: int, args, workdir: Path):
+    """`python -m service` in `args.rounds` rounds, each: the raw engine at `best_batch` and its batch-1 latency
+    (in this process, the service idle), the service with cam=false, with cam=true, then one lone client; so
+    drift on a shared machine hits every figure alike. -> Interleaved."""
     port = free_port()
     served_env = service_env(
         artifacts,
@@ -381,19 +504,36 @@ def measure_service(artifacts: Path, jpegs: list[bytes], best_batch: int, args, 
         max_delay_ms=args.max_delay_ms,
         queue_capacity=4096,
         request_timeout_s=300,
+        cache_mb=0,  # the photos repeat: with the cache on, this would measure the cache
     )
-    url, c, total = f"http://127.0.0.1:{port}", args.concurrency, max(args.requests, 2 * args.concurrency)
-    print(f"service (python -m service, max batch {best_batch}, max delay {args.max_delay_ms} ms)")
+    c, total = args.concurrency, max(args.requests, 2 * args.concurrency)
+    print(f"service (python -m service, max batch {best_batch}, max delay {args.max_delay_ms} ms, cache off)")
     process = start([sys.executable, "-m", "service"], served_env, port, workdir / "service.log", "/readyz")
+    raw, latency, service, cam, lone = [], [], [], [], []
     try:
-        ready = httpx.get(f"{url}/readyz").json()
+        ready = httpx.get(f"http://127.0.0.1:{port}/readyz").json()
         what = f"{ready['backend']} on {ready['device']} in {ready['precision']}, {ready['streams']} stream(s)"
-        print(f"  serving with {what}")
-        service = measure("service cam=false", url, jpegs, c, total, raw_jpeg("/classify"), process)
-        cam = measure("service cam=true", url, jpegs, c, total, raw_jpeg("/classify", cam="true"), process)
+        print(f"  serving with {what}; {args.rounds} rounds")
+        for _ in range(args.rounds):
+            raw.append(raw_throughput(engines.engine, batch_of(engines.pixels, best_batch), 4.0))
+            latency.append(raw_latency_ms(engines.single, engines.pixels))
+            print(
+                f"  raw engine, batch {best_batch}: {raw[-1][0]:6.1f} images/s, CPU {raw[-1][1]:.0f} ms/image; "
+                f"1 stream on every core, batch 1: {latency[-1]:.1f} ms (p50)"
+            )
+            service.append(measure("service cam=false", port, jpegs, c, total, raw_jpeg("/classify"), process))
+            cam.append(measure("service cam=true", port, jpegs, c, total, raw_jpeg("/classify", cam="true"), process))
+            lone.append(measure("service, lone client", port, jpegs, 1, LONE_REQUESTS, raw_jpeg("/classify"), process))
     finally:
         stop(process)
-    return service, cam
+    return Interleaved(
+        raw=float(np.median([r[0] for r in raw])),
+        raw_cpu=float(np.median([r[1] for r in raw])),
+        raw_latency_ms=float(np.median(latency)),
+        service=median_figures(service),
+        cam=median_figures(cam),
+        lone=median_figures(lone),
+    )
 
 
 def measure_baseline(name: str, runner: str, ready_path: str, request, jpegs: list[bytes], args, log: Path, **kwargs):
@@ -405,7 +545,7 @@ def measure_baseline(name: str, runner: str, ready_path: str, request, jpegs: li
     total = max(args.requests, 2 * args.concurrency)
     process = start(command, env, port, log, ready_path)
     try:
-        return measure(name, f"http://127.0.0.1:{port}", jpegs, args.concurrency, total, request, process)
+        return measure(name, port, jpegs, args.concurrency, total, request, process)
     finally:
         stop(process)
 
@@ -435,22 +575,34 @@ def result_rows(run: Run) -> list[dict[str, object]]:
     """The table's rows as printed (benchmarks/results/service.csv's columns); None: no such figure."""
     best = run.best_batch
     blank = dict.fromkeys(("p50_ms", "p95_ms", "server_cpu_ms_per_image", "loadgen_cpu_ms_per_image"))
+    speed, cpu = run.engine_speed
+    beside = ", beside the service" if run.beside else ""
     rows = [
-        {"what": f"raw engine: {run.engine}, best batch {best}", "images_per_s": round(run.raw[best], 1)}
+        {"what": f"raw engine: {run.engine}, best batch {best}{beside}", "images_per_s": round(speed, 1)}
         | blank
-        | {"server_cpu_ms_per_image": round(run.raw_cpu[best], 0)},
-        {"what": "raw ONNX Runtime fp32 on model.onnx, best batch", "images_per_s": round(max(run.ort_raw.values()), 1)}
-        | blank,
+        | {"server_cpu_ms_per_image": round(cpu, 0)},
     ]
+    if run.raw_latency_ms is not None:
+        rows.append(
+            {"what": "raw engine, 1 stream on every core, batch 1", "images_per_s": round(1000 / run.raw_latency_ms, 1)}
+            | blank
+            | {"p50_ms": round(run.raw_latency_ms, 1)}
+        )
+    rows.append(
+        {"what": "raw ONNX Runtime fp32 on model.onnx, best batch", "images_per_s": round(max(run.ort_raw.values()), 1)}
+        | blank
+    )
     served = [("this service, cam=false", run.service), ("this service, cam=true", run.cam)]
-    served += [("naive endpoint", run.naive)] + ([("LitServe", run.litserve)] if run.litserve is not None else [])
+    served += [("this service, one lone client", run.lone)] if run.lone is not None else []
+    served += [("naive endpoint", run.naive)] if run.naive is not None else []
+    served += [("LitServe", run.litserve)] if run.litserve is not None else []
     for name, r in served:
         rows.append(
             {
                 "what": name,
                 "images_per_s": round(r["images_per_s"], 1),
-                "p50_ms": round(r["p50"], 0),
-                "p95_ms": round(r["p95"], 0),
+                "p50_ms": round(r["p50"], 1 if r is run.lone else 0),
+                "p95_ms": round(r["p95"], 1 if r is run.lone else 0),
                 "server_cpu_ms_per_image": round(r["cpu_ms_per_image"], 0),
                 "loadgen_cpu_ms_per_image": round(r["client_cpu_ms_per_image"], 0),
             }
@@ -458,56 +610,92 @@ def result_rows(run: Run) -> list[dict[str, object]]:
     return rows
 
 
+OUTSIDE_ENGINE = ("event loop", "decode", "batch workers")  # thread roles that are not the inference runtime's
+
+
+def outside_engine_ms(figures: dict[str, float]) -> float | None:
+    """The server's CPU per image on its own threads (HTTP, decoding, batching, answers): all but the engine's."""
+    keys = [f"{role} cpu_ms_per_image" for role in OUTSIDE_ENGINE]
+    return sum(figures[key] for key in keys) if all(key in figures for key in keys) else None
+
+
 def ratios(run: Run) -> dict[str, float | None]:
+    """Each goal's figure in this run (GOALS' names); None where the run has no such figure."""
     service = run.service["images_per_s"]
     return {
-        "service / naive endpoint": service / run.naive["images_per_s"],
+        "service / naive endpoint": None if run.naive is None else service / run.naive["images_per_s"],
         "service / LitServe": None if run.litserve is None else service / run.litserve["images_per_s"],
-        "service / its raw engine": service / run.raw[run.best_batch],
+        "service / its raw engine": service / run.engine_speed[0],
         "service cam=true / cam=false": run.cam["images_per_s"] / service,
+        "lone client p50 / raw batch-1 latency": (
+            None if run.lone is None or run.raw_latency_ms is None else run.lone["p50"] / run.raw_latency_ms
+        ),
+        "server CPU ms/image outside the engine": outside_engine_ms(run.service),
     }
 
 
 def report(run: Run) -> None:
-    """The table, the ratios against the goals, and the CPU per image, which drifts less than throughput."""
+    """The table, the figures against the goals, and the CPU per image, which drifts less than throughput."""
     print()
-    print(f"ViTAE-T 224, {os.cpu_count()} CPU cores, {run.clients} concurrent clients, real JPEGs; one run")
+    print(f"ViTAE-T 224 on {run.cpu or f'{os.cpu_count()} CPU cores'}; {run.clients} concurrent clients, real JPEGs")
     print("| what | images/s | p50 ms | p95 ms | server CPU ms/image | load generator CPU ms/image |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for row in result_rows(run):
-        formats = ("", ".1f", ".0f", ".0f", ".0f", ".0f")
-        cells = ["" if value is None else format(value, f) for value, f in zip(row.values(), formats, strict=True)]
+        cells = ["" if value is None else value if isinstance(value, str) else f"{value:g}" for value in row.values()]
         print("|" + "|".join(f" {cell} " if cell else " " for cell in cells) + "|")
     print()
-    for name, ratio in ratios(run).items():
-        if ratio is None:
-            print(f"{name:30s}   n/a  (goal >= {GOALS[name]:.2f})")
+    for name, figure in ratios(run).items():
+        goal, at_least = GOALS[name]
+        sign = ">=" if at_least else "<="
+        if figure is None:
+            print(f"{name:40s}   n/a  (goal {sign} {goal:.2f})")
         else:
-            verdict = "met" if ratio >= GOALS[name] else "NOT met"
-            print(f"{name:30s} {ratio:5.2f}  (goal >= {GOALS[name]:.2f}: {verdict})")
+            verdict = "met" if (figure >= goal if at_least else figure <= goal) else "NOT met"
+            print(f"{name:40s} {figure:5.2f}  (goal {sign} {goal:.2f}: {verdict})")
     service, cam = run.service, run.cam
     cpu_ratio = service["cpu_ms_per_image"] / cam["cpu_ms_per_image"]
-    print(f"{'server CPU/image cam=false / cam=true':30s} {cpu_ratio:5.2f}  (the cam cost without the load's noise)")
-    engine_share = run.raw_cpu[run.best_batch] / service["cpu_ms_per_image"]
-    print(
-        f"{'raw engine CPU/image / service CPU/image':30s} {engine_share:5.2f}  (the share of the server's CPU that is "
-        f"inference; the load generator took {service['client_cpu_ms_per_image']:.0f} ms/image of the same cores)"
-    )
+    print(f"{'server CPU/image cam=false / cam=true':40s} {cpu_ratio:5.2f}  (the cam cost without the load's noise)")
+    print(f"{'load generator CPU ms/image':40s} {service['client_cpu_ms_per_image']:5.2f}  (on the same cores)")
+    roles = [
+        f"{role} {service.get(f'{role} cpu_ms_per_image', float('nan')):.1f}" for role in (*OUTSIDE_ENGINE, "engine")
+    ]
+    print(f"{'service CPU ms/image by thread role':40s} {', '.join(roles)} (cam=false)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="bench-service-"))
     artifacts = args.out or workdir / "artifacts"
+    cpu = cpu_description()
+    print(f"machine: {cpu}")
     # ---- measure: the exports, the raw engines in process, the service, the baselines
     plain = export_both(args, artifacts, workdir)
     jpegs = real_jpegs(12)
     print(f"inputs: {len(jpegs)} real JPEG photos, {min(len(j) for j in jpegs)}..{max(len(j) for j in jpegs)} bytes")
-    engine, raw, raw_cpu, ort_raw = measure_raw_engines(artifacts, jpegs, args)
+    engines, engine, raw, raw_cpu, ort_raw = measure_raw_engines(artifacts, jpegs, args)
     best_batch = max(raw, key=raw.get)
-    service, cam = measure_service(artifacts, jpegs, best_batch, args, workdir)
-    naive, litserve = measure_baselines(artifacts, plain, jpegs, best_batch, args, workdir)
-    run = Run(args.concurrency, engine, raw, raw_cpu, ort_raw, service, cam, naive, litserve)
+    try:
+        rounds = measure_service(engines, artifacts, jpegs, best_batch, args, workdir)
+    finally:
+        engines.close()
+    naive, litserve = (
+        (None, None) if args.skip_baselines else measure_baselines(artifacts, plain, jpegs, best_batch, args, workdir)
+    )
+    run = Run(
+        args.concurrency,
+        engine,
+        raw,
+        raw_cpu,
+        ort_raw,
+        rounds.service,
+        rounds.cam,
+        naive,
+        litserve,
+        rounds.raw_latency_ms,
+        rounds.lone,
+        cpu,
+        (rounds.raw, rounds.raw_cpu),
+    )
     # ---- report
     report(run)
     record("service", result_rows(run), args.record)

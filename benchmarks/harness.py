@@ -2,9 +2,11 @@
 
 - a free local port, and the environment of a `python -m service` on it (`service_env`);
 - a server process started in its own process group and polled until ready (`start`, `wait_ready`), stopped with
-  its workers (`stop`), and its CPU time read from /proc (`cpu_seconds`);
+  its workers (`stop`), and its CPU time read from /proc (`cpu_seconds`; by thread role, `thread_cpu_seconds`);
 - real JPEG photos to send (`real_jpegs`);
-- a closed-loop client: N clients, each sending its next request when the last one is answered (`closed_loop`);
+- a closed-loop client: N clients, each sending its next request when the last one is answered (`closed_loop`
+  with httpx; `lean_closed_loop` with one bare keep-alive connection per client, `LeanConnection`, for benchmarks
+  whose load generator must leave the server's cores to the server);
 - a version of a model published into a model repository the way the poller expects (`publish_version`).
 
 The scripts put `benchmarks/` on sys.path and import this as `harness`; tests import it as `benchmarks.harness`.
@@ -133,6 +135,29 @@ def cpu_seconds(group: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """User + system CPU seconds of process `pid`'s threads by role, from their kernel names (service.threads):
+    "event loop" (the main thread), "decode" (vitae-decode), "batch workers" (other vitae-* threads) and "engine"
+    (every other thread: those the inference runtime started). Linux only; threads that ended are not counted."""
+    roles = dict.fromkeys(("event loop", "decode", "batch workers", "engine"), 0.0)
+    for task in Path(f"/proc/{pid}/task").glob("[0-9]*"):
+        try:
+            comm = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended while we read
+            continue
+        if int(task.name) == pid:
+            role = "event loop"
+        elif comm.startswith("vitae-decode"):
+            role = "decode"
+        elif comm.startswith("vitae-"):
+            role = "batch workers"
+        else:
+            role = "engine"
+        roles[role] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return roles
+
+
 def real_jpegs(count: int) -> list[bytes]:
     """Real photos shipped inside installed packages (scikit-learn, matplotlib), re-encoded at a few sizes."""
     from PIL import Image
@@ -211,3 +236,96 @@ def publish_version(repository: Path, name: str, version: str, artifacts: Path, 
         onnx = incoming / "model.onnx"
         onnx.write_bytes(onnx.read_bytes()[: onnx.stat().st_size // 2])
     return incoming.rename(repository / name / version)
+
+
+class LeanConnection:
+    """One keep-alive HTTP/1.1 connection that sends prepared requests and reads their answers, nothing else.
+
+    A load generator on the server's own cores takes CPU from it: httpx spends ~5 ms per request on two cores,
+    this ~0.3 ms, so the figures measure the server rather than the client. Answers with Content-Length or chunked.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(self, method: str, target: str, headers: dict[str, str], body: bytes) -> tuple[int, bytes]:
+        """Send one request on this connection (opened on first use, again after the server closed it)."""
+        if self.writer is None or self.writer.is_closing():
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        lines = [f"{method} {target} HTTP/1.1", f"host: {self.host}:{self.port}", f"content-length: {len(body)}"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        try:
+            return await self._answer()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            self.close()
+            raise
+
+    async def _answer(self) -> tuple[int, bytes]:
+        head = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        status = int(head[0].split()[1])
+        fields = {}
+        for line in head[1:]:
+            name, _, value = line.partition(":")
+            fields[name.strip().lower()] = value.strip()
+        if fields.get("transfer-encoding", "").lower() == "chunked":
+            body = b""
+            while size := int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16):
+                body += (await self.reader.readexactly(size + 2))[:-2]
+            await self.reader.readuntil(b"\r\n")
+        else:
+            body = await self.reader.readexactly(int(fields.get("content-length", 0)))
+        if fields.get("connection", "").lower() == "close":
+            self.close()
+        return status, body
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.writer = None
+
+
+Prepared = tuple[str, str, dict[str, str], bytes]  # method, target (path and query), headers, body
+
+
+async def lean_closed_loop(host: str, port: int, clients: int, total: int, prepared: Callable[[int], Prepared]) -> Loop:
+    """closed_loop with one LeanConnection per client; `prepared(i)` is the i-th request."""
+    latencies: list[float] = []
+    errors = 0
+    sent = 0
+
+    async def client() -> None:
+        nonlocal sent, errors
+        connection = LeanConnection(host, port)
+        try:
+            while sent < total:
+                index, sent = sent, sent + 1
+                started = time.perf_counter()
+                try:
+                    status, _ = await connection.request(*prepared(index))
+                except (OSError, asyncio.IncompleteReadError, ValueError):
+                    errors += 1
+                    continue
+                if status == 200:
+                    latencies.append(time.perf_counter() - started)
+                else:
+                    errors += 1
+        finally:
+            connection.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return Loop(latencies, errors, time.perf_counter() - started)
+
+
+def multipart_body(field: str, filename: str, data: bytes, content_type: str) -> tuple[dict[str, str], bytes]:
+    """One file as multipart/form-data: (headers, body)."""
+    boundary = "vitae-bench-boundary"
+    head = (
+        f'--{boundary}\r\ncontent-disposition: form-data; name="{field}"; filename="{filename}"\r\n'
+        f"content-type: {content_type}\r\n\r\n"
+    ).encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    return {"content-type": f"multipart/form-data; boundary={boundary}"}, head + data + tail

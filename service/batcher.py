@@ -1,8 +1,12 @@
 """Dynamic batching: one priority queue in, batches out to `workers` worker threads, one answer per job.
 
 A batch is flushed when it holds `max_batch_size` jobs or when its first job has waited
-`max_delay_s`. Batches fill highest priority first, first come first served within a level
-(`service.job_queue`); a full queue sheds its least urgent job for a more urgent one. Up to `workers` batches
+`max_delay_s` — waiting only while another batch is being computed: when no batch is in flight the engine is
+idle, and a batch leaves at once with the jobs already queued (a lone request never waits for company; under
+load, batches fill while the engine is busy). `wait_when_idle` waits the delay in every case (more images per
+batch at low load, for engines whose batch-1 cost is most of a full batch's, at a lone request's expense).
+Batches fill highest priority first, first come first served within a level (`service.job_queue`); a full queue
+sheds its least urgent job for a more urgent one. Up to `workers` batches
 are computed at once (a backend with several inference streams, e.g. OpenVINO's CPU streams); the next batch
 starts filling only when a worker is free, so jobs that arrive while every worker is busy wait in the queue and
 leave together. Every submitted job's future is resolved exactly once: with an Outcome, with the batch's
@@ -14,9 +18,11 @@ The path of one image through a batcher:
   1. submit      the route queues a Job (payload, future, deadline, priority); refused at once when the
                  queue is full of jobs at least as urgent (QueueFullError; otherwise the newest of the
                  least urgent is shed with QueueFullError) or closing (ShuttingDownError)
-  2. wait        once a worker is free, the loop takes the most urgent, oldest job and waits up to
-                 `max_delay_s` from its submission for more, until `max_batch_size` jobs; cancelled or
-                 expired jobs leave uncomputed
+  2. wait        once a worker is free, the loop takes the most urgent, oldest job and, while another batch
+                 is in flight, waits up to `max_delay_s` from its submission for more, until `max_batch_size`
+                 jobs (with none in flight it takes only those queued, unless `wait_when_idle`); cancelled or
+                 expired jobs leave
+                 uncomputed
   3. dispatch    the live jobs of the batch go to `run_batch` on a worker thread, in one call
   4. resolve     each future gets its Outcome (result, queue and inference times, batch size), or the
                  batch's BatchFailedError
@@ -45,6 +51,7 @@ from .jobs import (
     ShuttingDownError,
 )
 from .metrics import Metrics
+from .threads import name_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +76,7 @@ class Batcher(Generic[P, R]):
         metrics: Metrics | None = None,
         workers: int = 1,
         observer: BatchObserver | None = None,
+        wait_when_idle: bool = False,
     ) -> None:
         if max_batch_size < 1 or capacity < 1 or workers < 1 or max_delay_s < 0:
             raise ValueError("max_batch_size, capacity and workers must be >= 1 and max_delay_s >= 0")
@@ -79,8 +87,14 @@ class Batcher(Generic[P, R]):
         self.name = name
         self.metrics = metrics
         self.workers = workers
+        self.wait_when_idle = wait_when_idle
         self.observer = observer or BatchObserver()  # tracing's, or one that does nothing
-        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"vitae-{name}")
+        self.executor = ThreadPoolExecutor(
+            max_workers=workers,
+            thread_name_prefix=f"vitae-{name}",
+            initializer=name_this_thread,
+            initargs=(f"vitae-{name}",),
+        )
         self._free = asyncio.Semaphore(workers)  # workers not computing a batch
         self._in_flight: set[asyncio.Task] = set()
         self._queue = JobQueue()
@@ -194,8 +208,12 @@ class Batcher(Generic[P, R]):
                     self._free.release()
                     break
                 batch = [first]
-                # The flush time is anchored at the first job's submission, not at when we got to it.
+                # The flush time is anchored at the first job's submission, not at when we got to it. With no
+                # batch in flight the engine is idle: waiting for company would only delay a lone request, so
+                # the batch takes what is queued now and goes.
                 flush_at = loop.time() + max(0.0, self.max_delay_s - (time.monotonic() - first.submitted_at))
+                if not self._in_flight and not self.wait_when_idle:
+                    flush_at = loop.time()
                 while len(batch) < self.max_batch_size:
                     job = await self._next_job(flush_at)
                     if job is None:

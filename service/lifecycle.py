@@ -31,6 +31,7 @@ from .models import load_all, poll_repository
 from .registry import ModelRegistry
 from .runtime import Runtime, close_runtime
 from .settings import Settings
+from .threads import name_this_thread
 from .tracing import Tracing
 
 log = logging.getLogger("service")
@@ -110,12 +111,13 @@ async def load_model(state: ServiceState, backend: Backend | None = None) -> Non
 
 
 def _yield_cpu_to_inference() -> None:
-    """Lower this decode thread's scheduling priority (Linux: nice applies per thread).
+    """Name this decode thread (service.threads) and lower its scheduling priority (Linux: nice applies per thread).
 
     When the cores are saturated, the backend's intra-op threads then win them; decoding fills the gaps. A
     descheduled intra-op thread stalls its whole parallel region, so without this a few milliseconds of
     decoding cost the backend far more than their own CPU time.
     """
+    name_this_thread("vitae-decode")
     try:
         tid = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + DECODE_NICENESS)

@@ -116,6 +116,7 @@ def _batcher(run_batch, settings: Settings, metrics: Metrics, name: str, max_bat
         name=name,
         metrics=metrics,
         workers=workers,
+        wait_when_idle=settings.batch_wait_when_idle,
     )
 
 

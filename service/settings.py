@@ -69,7 +69,17 @@ class Settings(BaseSettings):
         "streams takes at most 4 per batch (on CPU, batching gains nothing over single images).",
     )
     max_delay_ms: float = Field(
-        5.0, ge=0, description="Longest time the oldest queued request waits for a batch to fill, in ms."
+        5.0,
+        ge=0,
+        description="Longest time the oldest queued request waits for a batch to fill, in ms, while another batch "
+        "is being computed (with none, it goes at once unless VITAE_BATCH_WAIT_WHEN_IDLE is set).",
+    )
+    batch_wait_when_idle: bool = Field(
+        False,
+        description="Wait up to the max delay for a batch to fill even when no batch is being computed. Off: a "
+        "request that finds the engine idle goes at once with whatever is queued (no wait for company), and "
+        "batches fill while the engine is busy. On: more images per batch at low load, at a lone request's "
+        "expense (for engines, e.g. a GPU, where one image costs almost as much as a batch).",
     )
     queue_capacity: int = Field(1024, ge=1, description="Queued images beyond which requests get 503 + Retry-After.")
     request_timeout_s: float = Field(30.0, gt=0, description="Deadline per request; past it the answer is 504.")

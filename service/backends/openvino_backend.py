@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,10 @@ class OpenVINOBackend:
     is how many batches run at once, each on its own infer request and its share of the cores: on a
     CPU, a few single-threaded streams keep every core busy where one batch spread over all the cores
     waits at each layer for its slowest thread. `infer` may be called from up to `streams` threads.
+
+    With several streams, the model is also compiled once more with one stream on every core (the LATENCY
+    hint): a batch that finds no other batch running takes that one, so a lone request is not computed on
+    one core's share while the others idle. Batches that run beside another take the throughput streams.
     """
 
     name = "openvino"
@@ -79,11 +84,13 @@ class OpenVINOBackend:
             raise BackendUnavailable(f"no {role} model (files.{role}) in {served.folder}")
         compute = "fp32" if choice.precision == "int8" else choice.precision
         self.cache_dir = cache_dir or served.folder / CACHE_FOLDER
+        cache: Path | None = self.cache_dir
         try:
             try:
-                self.compiled = compile_cpu(path, compute, threads=threads, streams=streams, cache_dir=self.cache_dir)
+                self.compiled = compile_cpu(path, compute, threads=threads, streams=streams, cache_dir=cache)
             except OSError as exc:  # a read-only artifacts folder: compile every start rather than not serve
                 log.warning("cannot write the OpenVINO cache in %s (%s); compiling without it", self.cache_dir, exc)
+                cache = None
                 self.compiled = compile_cpu(path, compute, threads=threads, streams=streams)
         except RuntimeError as exc:  # OpenVINO's own, many lines from core.cpp down: the line that says why
             raise BackendUnavailable(
@@ -95,6 +102,13 @@ class OpenVINOBackend:
         self._requests: queue.SimpleQueue | None = queue.SimpleQueue()  # the idle infer requests, one per stream
         for _ in range(self.streams):
             self._requests.put(self.compiled.create_infer_request())
+        # For a batch computed alone: every core on it (None with one stream, which is that already).
+        self._alone = None
+        if self.streams > 1:
+            alone = compile_cpu(path, compute, threads=threads, streams=1, cache_dir=cache)
+            self._alone = alone.create_infer_request()
+        self._running = 0  # infer calls in progress
+        self._running_lock = threading.Lock()
         outputs = {name for output in self.compiled.outputs for name in output.get_names()}
         if not {"logits", "tokens"} <= outputs:
             raise BackendUnavailable(f"{path.name} lacks the outputs logits and tokens (has {sorted(outputs)})")
@@ -102,19 +116,27 @@ class OpenVINOBackend:
 
     def infer(self, images: np.ndarray, token_rows: object = None) -> tuple[np.ndarray, np.ndarray]:
         """Every row's tokens: `token_rows` is ignored (selects_tokens is False)."""
-        request = self._requests.get()  # never waits while callers are at most `streams`
+        with self._running_lock:
+            alone = self._running == 0 and self._alone is not None
+            self._running += 1
+        # Alone: the every-core request; else a stream's, which never waits while callers are at most `streams`.
+        request = self._alone if alone else self._requests.get()
         try:
             request.infer({"images": np.ascontiguousarray(images, np.float32)})
             # Copies: the request's output tensors are overwritten by its next call.
             logits = np.array(request.get_tensor("logits").data, dtype=np.float32)  # (B, K)
             tokens = np.array(request.get_tensor("tokens").data, dtype=np.float32)  # (B, N, D)
         finally:
-            self._requests.put(request)
+            if not alone:
+                self._requests.put(request)
+            with self._running_lock:
+                self._running -= 1
         return logits, tokens
 
     def close(self) -> None:
         # Dropped, not emptied: a call after close fails at once instead of waiting for a request forever.
         self._requests = None
+        self._alone = None
         self.compiled = None
 
 

@@ -52,9 +52,25 @@ def test_every_job_gets_exactly_its_own_answer_in_batches_of_at_most_max():
     assert len(recorder.threads) == 1 and next(iter(recorder.threads)).startswith("vitae-")
 
 
-def test_a_lone_job_waits_the_max_delay_and_no_longer():
+def test_a_lone_job_on_an_idle_engine_goes_at_once():
     async def scenario():
-        batcher = Batcher(Recorder(), max_batch_size=8, max_delay_s=0.2, capacity=10)
+        recorder = Recorder()
+        batcher = Batcher(recorder, max_batch_size=8, max_delay_s=30, capacity=10)
+        batcher.start()
+        started = time.monotonic()
+        outcome = await asyncio.wait_for(batcher.submit(1, timeout_s=60).future, timeout=20)
+        waited = time.monotonic() - started
+        await batcher.close()
+        return outcome, waited
+
+    outcome, waited = run(scenario())
+    # With a 30 s delay, anything but "at once" would wait the delay: the bound only allows a loaded machine.
+    assert waited < 10 and outcome.batch_size == 1
+
+
+def test_a_lone_job_waits_the_max_delay_and_no_longer_when_told_to_wait_when_idle():
+    async def scenario():
+        batcher = Batcher(Recorder(), max_batch_size=8, max_delay_s=0.2, capacity=10, wait_when_idle=True)
         batcher.start()
         started = time.monotonic()
         # Without a flush at the delay the lone job would wait for company until this bound (or its deadline).
@@ -70,12 +86,37 @@ def test_a_lone_job_waits_the_max_delay_and_no_longer():
     assert outcome.batch_size == 1 and outcome.queue_s >= 0.18
 
 
+def test_while_a_batch_is_computed_the_next_one_waits_for_company_up_to_the_delay():
+    async def scenario():
+        release = threading.Event()
+
+        def run_batch(items):
+            if items == [0]:
+                release.wait(20)  # the first batch holds one worker until the test lets it go
+            return [2 * x for x in items]
+
+        batcher = Batcher(run_batch, max_batch_size=3, max_delay_s=30, capacity=10, workers=2)
+        batcher.start()
+        first = batcher.submit(0, timeout_s=60)
+        await asyncio.sleep(0.05)  # the first batch is in flight, alone: the engine was idle
+        later = [batcher.submit(1, timeout_s=60)]
+        await asyncio.sleep(0.1)
+        later += [batcher.submit(i, timeout_s=60) for i in (2, 3)]  # they complete the waiting batch
+        outcomes = await asyncio.wait_for(asyncio.gather(*(job.future for job in later)), timeout=20)
+        release.set()
+        await first.future
+        await batcher.close()
+        return outcomes
+
+    assert [o.batch_size for o in run(scenario())] == [3, 3, 3]
+
+
 def test_jobs_arriving_during_the_delay_join_the_batch():
     async def scenario():
         recorder = Recorder()
         # A full batch of two flushes at once, so the long delay costs nothing and no scheduling hiccup
         # between the two submissions can flush the first job alone.
-        batcher = Batcher(recorder, max_batch_size=2, max_delay_s=30, capacity=10)
+        batcher = Batcher(recorder, max_batch_size=2, max_delay_s=30, capacity=10, wait_when_idle=True)
         batcher.start()
         first = batcher.submit(1, timeout_s=60)
         await asyncio.sleep(0.05)
@@ -105,7 +146,9 @@ def test_cancelled_and_expired_jobs_are_never_computed():
     async def scenario():
         metrics = Metrics()
         recorder = Recorder()
-        batcher = Batcher(recorder, max_batch_size=8, max_delay_s=0.2, capacity=10, metrics=metrics)
+        batcher = Batcher(
+            recorder, max_batch_size=8, max_delay_s=0.2, capacity=10, metrics=metrics, wait_when_idle=True
+        )
         batcher.start()
         cancelled = batcher.submit(1, timeout_s=10)
         expired = batcher.submit(2, timeout_s=0.05)

@@ -297,7 +297,7 @@ def test_too_many_pixels_is_413(strict_url):
 # Generous times: this machine may be busy. A queued job's batch is due only after VITAE_MAX_DELAY_MS, far
 # beyond what each test waits, so nothing here is computed unless the service gets it wrong; the tests wait
 # for metrics by polling with wide bounds instead of sleeping for fixed times.
-NEVER_FLUSHED = dict(max_batch_size=8, max_delay_ms=120_000)
+NEVER_FLUSHED = dict(max_batch_size=8, max_delay_ms=120_000, batch_wait_when_idle=True)
 
 
 def wait_for_metric(base: str, name: str, value: float, timeout: float = 30.0, **labels: str) -> None:

@@ -29,6 +29,7 @@ def test_sigterm_serves_through_the_grace_then_drains_queued_requests_and_exits(
         "VITAE_PORT": str(port),
         "VITAE_MAX_BATCH_SIZE": "64",
         "VITAE_MAX_DELAY_MS": "1500",  # requests sit in the queue long enough to be caught by the signal
+        "VITAE_BATCH_WAIT_WHEN_IDLE": "true",  # ... even the first, which finds the engine idle
         "VITAE_THREADS": "1",
         # Long enough for a request sent right after the signal to connect on a busy machine.
         "VITAE_DRAIN_GRACE_S": "4",

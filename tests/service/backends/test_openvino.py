@@ -175,6 +175,22 @@ def test_streams_compute_batches_at_once_and_each_gets_its_own_answer(served, im
         assert np.abs(logits - expected).max() <= FP32_TOLERANCE
 
 
+def test_a_batch_that_finds_no_other_running_takes_every_core_and_agrees(served, images, reference):
+    backend = OpenVINOBackend(served, precision="fp32", threads=2, streams=2)
+    alone = backend._alone  # the every-core request: a call takes it only while no other call runs
+    assert alone is not None and alone.get_compiled_model().get_property("PERFORMANCE_HINT") == "LATENCY"
+    assert np.abs(backend.infer(images)[0] - reference[0]).max() <= FP32_TOLERANCE
+    assert np.abs(alone.get_tensor("logits").data - reference[0]).max() <= FP32_TOLERANCE  # it computed that call
+    # Calls beside one another share the every-core request and the streams; none waits, none crosses over.
+    halves = (images[:4], images[4:])
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda i: backend.infer(halves[i % 2])[0], range(18)))
+    for i, logits in enumerate(results):
+        expected = reference[0][:4] if i % 2 == 0 else reference[0][4:]
+        assert np.abs(logits - expected).max() <= FP32_TOLERANCE
+    assert backend._running == 0
+
+
 def test_one_stream_is_the_latency_configuration(served, images, reference):
     backend = OpenVINOBackend(served, precision="fp32", threads=2, streams=1)
     assert backend.streams == 1
