@@ -369,6 +369,7 @@ class Run:
     lone: dict[str, float] | None = None  # drive()'s figures for one client, one photo at a time
     cpu: str = ""  # the CPU's model and the flags that decide its kernels
     beside: tuple[float, float] | None = None  # the engine at the best batch in the service's rounds: images/s, CPU
+    round_ratios: dict[str, float] | None = None  # ratios as medians of per-round ratios (measure_service)
 
     @property
     def best_batch(self) -> int:
@@ -485,6 +486,7 @@ class Interleaved:
     service: dict[str, float]
     cam: dict[str, float]
     lone: dict[str, float]
+    ratios: dict[str, float]  # GOALS' ratios, each the median of its per-round ratios
 
 
 def measure_service(engines: Engines, artifacts: Path, jpegs: list[bytes], best_batch: int, args, workdir: Path):
@@ -526,7 +528,15 @@ def measure_service(engines: Engines, artifacts: Path, jpegs: list[bytes], best_
             lone.append(measure("service, lone client", port, jpegs, 1, LONE_REQUESTS, raw_jpeg("/classify"), process))
     finally:
         stop(process)
+    per_round = {
+        "service / its raw engine": [s["images_per_s"] / r[0] for s, r in zip(service, raw, strict=True)],
+        "service cam=true / cam=false": [
+            c["images_per_s"] / s["images_per_s"] for c, s in zip(cam, service, strict=True)
+        ],
+        "lone client p50 / raw batch-1 latency": [one["p50"] / ms for one, ms in zip(lone, latency, strict=True)],
+    }
     return Interleaved(
+        ratios={name: float(np.median(values)) for name, values in per_round.items()},
         raw=float(np.median([r[0] for r in raw])),
         raw_cpu=float(np.median([r[1] for r in raw])),
         raw_latency_ms=float(np.median(latency)),
@@ -620,7 +630,8 @@ def outside_engine_ms(figures: dict[str, float]) -> float | None:
 
 
 def ratios(run: Run) -> dict[str, float | None]:
-    """Each goal's figure in this run (GOALS' names); None where the run has no such figure."""
+    """Each goal's figure in this run (GOALS' names); None where the run has no such figure. Ratios within the
+    service's rounds are medians of per-round ratios, each taken minutes apart at most."""
     service = run.service["images_per_s"]
     return {
         "service / naive endpoint": None if run.naive is None else service / run.naive["images_per_s"],
@@ -631,7 +642,7 @@ def ratios(run: Run) -> dict[str, float | None]:
             None if run.lone is None or run.raw_latency_ms is None else run.lone["p50"] / run.raw_latency_ms
         ),
         "server CPU ms/image outside the engine": outside_engine_ms(run.service),
-    }
+    } | (run.round_ratios or {})
 
 
 def report(run: Run) -> None:
@@ -695,6 +706,7 @@ def main(argv: list[str] | None = None) -> int:
         rounds.lone,
         cpu,
         (rounds.raw, rounds.raw_cpu),
+        rounds.ratios,
     )
     # ---- report
     report(run)

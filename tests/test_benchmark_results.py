@@ -234,3 +234,13 @@ def test_cache_rows_are_the_printed_table(tmp_path, capsys):
     ]
     written = appended("cache", rows, tmp_path)
     assert [row["figure"] for row in written] == [row["figure"] for row in rows]
+
+
+def test_service_ratios_measured_in_rounds_are_their_per_round_medians():
+    bench = script("bench_service")
+    run = service_run()
+    assert bench.ratios(run)["service / its raw engine"] == pytest.approx(17.44 / 19.53)  # best batch 1's
+    run.round_ratios = {"service / its raw engine": 0.83, "lone client p50 / raw batch-1 latency": 1.2}
+    figures = bench.ratios(run)
+    assert figures["service / its raw engine"] == 0.83 and figures["lone client p50 / raw batch-1 latency"] == 1.2
+    assert figures["service cam=true / cam=false"] == pytest.approx(15.6 / 17.44)
