@@ -437,3 +437,12 @@ def test_the_openapi_schema_names_each_key_header_where_it_applies(artifacts):
     assert {headers[name] for name in classify if name in headers} == {"X-API-Key"}  # not the admin key
     admin = next(op for path, ops in schema["paths"].items() if path.startswith("/admin/") for op in ops.values())
     assert {headers[name] for option in admin["security"] for name in option} == {"X-Admin-Key"}
+
+
+def test_a_lone_request_on_an_idle_service_does_not_wait_for_a_batch_to_fill(artifacts):
+    # With a delay of two minutes, a request that waited for company would be answered only after it (or 504).
+    with serving(artifacts, max_batch_size=8, max_delay_ms=120_000, request_timeout_s=60) as base:
+        image = sample_images(1)[0]
+        answers = [classify(base, image) for _ in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    assert all(a.json()["timing_ms"]["queue"] < 10_000 for a in answers)
