@@ -61,7 +61,8 @@ from harness import (  # noqa: E402
     stop,
     thread_cpu_seconds,
 )
-from results import add_record_option, record  # noqa: E402
+from results import add_record_option, machine, record  # noqa: E402
+from results import cpu_flags as flags_that_matter  # noqa: E402
 
 REFERENCE = ROOT.parent / "shared" / "reference" / "vitae_t_official.safetensors"
 GOALS = {  # name -> (goal, True: at least / False: at most)
@@ -400,12 +401,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def cpu_description() -> str:
-    """The CPU's model and the flags that decide which kernels run (what every figure was measured on)."""
-    from export.precision import cpu_flags, cpu_kind, cpu_model
+    """The CPU's model, its kind and the flags that decide which kernels run (what every figure was measured on):
+    the same words as the CSV's `machine` and `cpu_flags` columns."""
+    from export.precision import cpu_flags, cpu_kind
 
-    flags = cpu_flags()
-    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8") if f in flags]
-    return f"{cpu_model()}, {os.cpu_count()} cores, kind {cpu_kind(flags)} ({' '.join(shown) or 'none of avx2+'})"
+    return f"{machine()}, kind {cpu_kind(cpu_flags())} ({flags_that_matter() or 'none of avx2+'})"
 
 
 def export_both(args: argparse.Namespace, artifacts: Path, workdir: Path) -> Path:

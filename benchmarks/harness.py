@@ -122,17 +122,23 @@ def stop(process: subprocess.Popen) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
+def stat_fields(stat: Path) -> list[str] | None:
+    """The fields of a /proc .../stat file after the command (state, ppid, pgrp, ...); None once it is gone."""
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def cpu_of(fields: list[str]) -> float:
+    """User + system CPU seconds of stat_fields()."""
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(group: int) -> float:
     """User + system CPU time of every process in a process group (a server and its workers), Linux only."""
-    total = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command: state, ppid, pgrp, ...
-        except OSError:
-            continue
-        if int(fields[2]) == group:
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / os.sysconf("SC_CLK_TCK")
+    processes = (stat_fields(stat) for stat in Path("/proc").glob("[0-9]*/stat"))
+    return sum(cpu_of(fields) for fields in processes if fields is not None and int(fields[2]) == group)
 
 
 def thread_cpu_seconds(pid: int) -> dict[str, float]:
@@ -143,8 +149,10 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
     for task in Path(f"/proc/{pid}/task").glob("[0-9]*"):
         try:
             comm = (task / "comm").read_text().strip()
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:  # the thread ended while we read
+            continue
+        fields = stat_fields(task / "stat")
+        if fields is None:
             continue
         if int(task.name) == pid:
             role = "event loop"
@@ -154,7 +162,7 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
             role = "batch workers"
         else:
             role = "engine"
-        roles[role] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        roles[role] += cpu_of(fields)
     return roles
 
 

@@ -6,12 +6,11 @@ idle, and a batch leaves at once with the jobs already queued (a lone request ne
 load, batches fill while the engine is busy). `wait_when_idle` waits the delay in every case (more images per
 batch at low load, for engines whose batch-1 cost is most of a full batch's, at a lone request's expense).
 Batches fill highest priority first, first come first served within a level (`service.job_queue`); a full queue
-sheds its least urgent job for a more urgent one. Up to `workers` batches
-are computed at once (a backend with several inference streams, e.g. OpenVINO's CPU streams); the next batch
-starts filling only when a worker is free, so jobs that arrive while every worker is busy wait in the queue and
-leave together. Every submitted job's future is resolved exactly once: with an Outcome, with the batch's
-failure, with DeadlineExceeded, with QueueFullError when shed, or cancelled by its caller (then it is never
-computed).
+sheds its least urgent job for a more urgent one. Up to `workers` batches are computed at once (a backend with
+several inference streams, e.g. OpenVINO's CPU streams); the next batch starts filling only when a worker is free,
+so jobs that arrive while every worker is busy wait in the queue and leave together. Every submitted job's future
+is resolved exactly once: with an Outcome, with the batch's failure, with DeadlineExceeded, with QueueFullError
+when shed, or cancelled by its caller (then it is never computed).
 Nothing here knows about HTTP, images or models: `run_batch` is any function list -> list.
 
 The path of one image through a batcher:
@@ -21,8 +20,7 @@ The path of one image through a batcher:
   2. wait        once a worker is free, the loop takes the most urgent, oldest job and, while another batch
                  is in flight, waits up to `max_delay_s` from its submission for more, until `max_batch_size`
                  jobs (with none in flight it takes only those queued, unless `wait_when_idle`); cancelled or
-                 expired jobs leave
-                 uncomputed
+                 expired jobs leave uncomputed
   3. dispatch    the live jobs of the batch go to `run_batch` on a worker thread, in one call
   4. resolve     each future gets its Outcome (result, queue and inference times, batch size), or the
                  batch's BatchFailedError
@@ -211,9 +209,8 @@ class Batcher(Generic[P, R]):
                 # The flush time is anchored at the first job's submission, not at when we got to it. With no
                 # batch in flight the engine is idle: waiting for company would only delay a lone request, so
                 # the batch takes what is queued now and goes.
-                flush_at = loop.time() + max(0.0, self.max_delay_s - (time.monotonic() - first.submitted_at))
-                if not self._in_flight and not self.wait_when_idle:
-                    flush_at = loop.time()
+                delay = self.max_delay_s if self._in_flight or self.wait_when_idle else 0.0
+                flush_at = loop.time() + max(0.0, delay - (time.monotonic() - first.submitted_at))
                 while len(batch) < self.max_batch_size:
                     job = await self._next_job(flush_at)
                     if job is None:

@@ -27,15 +27,6 @@ class PrecisionChoice:
     reason: str
 
 
-@dataclass(frozen=True)
-class CpuFacts:
-    """What this CPU computes natively, and its kind (export.precision.cpu_kind); injected by tests."""
-
-    native_bf16: bool
-    native_int8: bool = False
-    kind: str | None = None
-
-
 def unusable(precision: str, native: bool, report: dict[str, Any] | None, kind: str | None) -> str | None:
     """Why `precision` cannot be served here, or None when it can."""
     report = report or {}

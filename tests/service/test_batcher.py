@@ -52,34 +52,30 @@ def test_every_job_gets_exactly_its_own_answer_in_batches_of_at_most_max():
     assert len(recorder.threads) == 1 and next(iter(recorder.threads)).startswith("vitae-")
 
 
-def test_a_lone_job_on_an_idle_engine_goes_at_once():
+def time_a_lone_job(**options) -> tuple:
+    """A started Batcher(**options) given one job: its Outcome and the seconds from submission to answer."""
+
     async def scenario():
-        recorder = Recorder()
-        batcher = Batcher(recorder, max_batch_size=8, max_delay_s=30, capacity=10)
+        batcher = Batcher(Recorder(), **options)
         batcher.start()
         started = time.monotonic()
-        outcome = await asyncio.wait_for(batcher.submit(1, timeout_s=60).future, timeout=20)
-        waited = time.monotonic() - started
-        await batcher.close()
-        return outcome, waited
-
-    outcome, waited = run(scenario())
-    # With a 30 s delay, anything but "at once" would wait the delay: the bound only allows a loaded machine.
-    assert waited < 10 and outcome.batch_size == 1
-
-
-def test_a_lone_job_waits_the_max_delay_and_no_longer_when_told_to_wait_when_idle():
-    async def scenario():
-        batcher = Batcher(Recorder(), max_batch_size=8, max_delay_s=0.2, capacity=10, wait_when_idle=True)
-        batcher.start()
-        started = time.monotonic()
-        # Without a flush at the delay the lone job would wait for company until this bound (or its deadline).
+        # Without a flush the lone job would wait for company until this bound (or its deadline).
         outcome = await asyncio.wait_for(batcher.submit(1, timeout_s=60).future, timeout=30)
         waited = time.monotonic() - started
         await batcher.close()
         return outcome, waited
 
-    outcome, waited = run(scenario())
+    return run(scenario())
+
+
+def test_a_lone_job_on_an_idle_engine_goes_at_once():
+    outcome, waited = time_a_lone_job(max_batch_size=8, max_delay_s=30, capacity=10)
+    # With a 30 s delay, anything but "at once" would wait the delay: the bound only allows a loaded machine.
+    assert waited < 10 and outcome.batch_size == 1
+
+
+def test_a_lone_job_waits_the_max_delay_and_no_longer_when_told_to_wait_when_idle():
+    outcome, waited = time_a_lone_job(max_batch_size=8, max_delay_s=0.2, capacity=10, wait_when_idle=True)
     # The lower bound is exact (the flush is anchored at submission); the upper one only says "not the
     # bound nor the deadline", wide enough for a loaded machine.
     assert 0.18 <= waited < 15
