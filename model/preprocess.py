@@ -67,7 +67,7 @@ def decode_image(data: bytes, *, max_pixels: int | None = None, target_size: int
             image.draft(image.mode, (target_size, target_size))
         image.seek(0)
         image.load()
-        image = ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of an upright picture
     except Exception as exc:
         raise ImageDecodeError(f"the image data is truncated or corrupt ({exc})") from exc
     return image

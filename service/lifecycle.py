@@ -24,6 +24,7 @@ from enum import StrEnum
 
 from fastapi import FastAPI
 
+from . import heap
 from .backends import Backend
 from .decoding import DecodeShares
 from .metrics import Metrics
@@ -92,6 +93,7 @@ async def load_model(state: ServiceState, backend: Backend | None = None) -> Non
     try:
         started = time.perf_counter()
         await load_all(state, backend)
+        frozen = heap.settle()  # before READY: the collection's pause falls before the first request
         if state.status is Status.LOADING:
             state.status = Status.READY
             state.metrics.ready.set(1)
@@ -100,7 +102,7 @@ async def load_model(state: ServiceState, backend: Backend | None = None) -> Non
             state.metrics.backend.labels(engine.name, engine.device).set(1)
             name, version, classes, folder = served.name, served.version, served.num_classes, served.folder
             log.info("serving %s %s (%d classes) from %s", name, version, classes, folder)
-        log.info("ready in %.1f s", time.perf_counter() - started)
+        log.info("ready in %.1f s (%d objects kept out of garbage collection)", time.perf_counter() - started, frozen)
     except Exception as exc:
         state.status, state.error = Status.FAILED, f"{type(exc).__name__}: {exc}"
         log.error("loading the model failed: %s", state.error)  # one line; the traceback at debug level
@@ -138,6 +140,7 @@ async def _shut_down(state: ServiceState) -> None:
         await close_runtime(loaded.runtime)
     state.pool.shutdown(wait=True, cancel_futures=False)
     await state.tracing.shutdown()  # after the batchers, so that their last spans leave too
+    heap.release()
     log.info("stopped")
 
 

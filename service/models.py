@@ -20,6 +20,7 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING, Protocol
 
+from . import heap
 from .artifacts import ArtifactsError, ensure_artifacts, read_artifacts
 from .backends import Backend, precision_of
 from .registry import Loaded, ModelEntry, ModelRegistry, ModelState, version_key
@@ -121,6 +122,8 @@ async def load_version(
         )
         if old is not None:
             await retire(old)
+            del old  # its last reference: the retired version is garbage before the collection
+            heap.settle()  # the retired version's objects collected, the new one's frozen
     return entry
 
 
@@ -131,6 +134,8 @@ async def unload(state: ModelHost, name: str) -> ModelEntry:
         old, entry.live, entry.state = entry.live, None, ModelState.UNLOADED
         if old is not None:
             await retire(old)
+            del old
+            heap.settle()
     return entry
 
 
