@@ -41,9 +41,11 @@ class JobQueue:
             return False
         return True
 
-    def pop(self) -> Job | None:
-        """The oldest queued job of the highest level; None when no job is queued."""
+    def pop(self, at_least: Priority = Priority.LOW) -> Job | None:
+        """The oldest queued job of the highest level, of `at_least` or above; None when no such job is queued."""
         for level in HIGHEST_FIRST:
+            if level < at_least:
+                return None
             line = self._lines[level]
             while line:
                 job = line.popleft()

@@ -29,9 +29,11 @@ class HeldRecorder:
         return list(items)
 
 
-async def busy_batcher(recorder: HeldRecorder, capacity: int = 100, metrics: Metrics | None = None) -> Batcher:
-    """A started batcher of batch size 1 whose one worker is held computing job 'busy'."""
-    batcher = Batcher(recorder, max_batch_size=1, max_delay_s=0, capacity=capacity, metrics=metrics)
+async def busy_batcher(
+    recorder: HeldRecorder, capacity: int = 100, metrics: Metrics | None = None, max_batch_size: int = 1
+) -> Batcher:
+    """A started batcher (of batch size 1 by default) whose one worker is held computing job 'busy'."""
+    batcher = Batcher(recorder, max_batch_size=max_batch_size, max_delay_s=0, capacity=capacity, metrics=metrics)
     batcher.start()
     batcher.submit("busy", timeout_s=60)
     assert await asyncio.to_thread(recorder.started.wait, 30), "the first batch never started"
@@ -52,6 +54,20 @@ def test_batches_fill_most_urgent_first_and_first_come_first_served_within_a_lev
 
     batches = asyncio.run(scenario())
     assert [b[0] for b in batches] == ["busy", "high1", "high2", "normal1", "normal2", "low1", "low2"]
+
+
+def test_a_high_priority_batch_holds_only_high_priority_jobs_and_others_mix():
+    async def scenario():
+        recorder = HeldRecorder()
+        batcher = await busy_batcher(recorder, max_batch_size=4)
+        order = [("normal1", NORMAL), ("high1", HIGH), ("low1", LOW), ("normal2", NORMAL), ("high2", HIGH)]
+        jobs = [batcher.submit(name, timeout_s=60, priority=level) for name, level in order]
+        recorder.gate.set()
+        await asyncio.gather(*(job.future for job in jobs))
+        await batcher.close()
+        return recorder.batches
+
+    assert asyncio.run(scenario()) == [["busy"], ["high1", "high2"], ["normal1", "normal2", "low1"]]
 
 
 def test_a_full_queue_sheds_the_newest_least_urgent_job_and_refuses_when_none_is_less_urgent():
