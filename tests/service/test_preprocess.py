@@ -10,7 +10,7 @@ from PIL import Image
 from support.images import drawn_image, encode
 
 from model import Preprocessing
-from model.preprocess import ImageDecodeError, ImageTooLargeError, decode_image, preprocess, resize_size
+from model.preprocess import ImageDecodeError, ImageTooLargeError, decode_image, normalize, preprocess, resize_size
 from service.inference import prepare_image
 
 PREP = Preprocessing(img_size=32, in_chans=1, mean=(0.3,), std=(0.35,), crop_pct=1.0, interpolation="bilinear")
@@ -25,6 +25,20 @@ def test_prepare_image_is_the_trainers_preprocess(mode, fmt):
     expected = preprocess(decode_image(data, target_size=resize_size(PREP)), PREP)
     np.testing.assert_array_equal(prepared.pixels, expected)
     assert prepared.pixels.shape == (1, 32, 32) and prepared.original.size == (64, 48)
+
+
+@pytest.mark.parametrize("shape", [(40, 30), (40, 30, 1), (40, 30, 3)])
+def test_normalize_is_the_standardisation_formula_in_a_contiguous_channels_first_array(shape):
+    channels = shape[2] if len(shape) == 3 else 1
+    mean, std = (0.485, 0.456, 0.406)[:channels], (0.229, 0.224, 0.225)[:channels]
+    prep = Preprocessing(img_size=30, in_chans=channels, mean=mean, std=std, crop_pct=1.0, interpolation="bilinear")
+    pixels = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    pixels[0, 0], pixels[-1, -1] = 0, 255  # both ends of the range
+    hwc = pixels.reshape(40, 30, channels).astype(np.float64)
+    expected = ((hwc / 255 - np.array(prep.mean)) / np.array(prep.std)).transpose(2, 0, 1)  # (C, H, W)
+    got = normalize(pixels, prep)
+    assert got.dtype == np.float32 and got.shape == (channels, 40, 30) and got.flags.c_contiguous
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6)
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
