@@ -1,6 +1,6 @@
 """The response cache and the priority levels on the real service, in one run (not a test).
 
-    python benchmarks/bench_cache.py [--checkpoint PATH] [--out ARTIFACTS] [--requests 96] [--concurrency 16]
+    python benchmarks/bench_cache.py [--checkpoint PATH] [--out ARTIFACTS] [--requests 256] [--concurrency 16]
 
 ViTAE-T at 224 (the release's weights from ../shared/reference when present, else random weights), real JPEG
 photos sent as raw image bodies to /classify by `--concurrency` closed-loop clients. Two servers, the same
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", type=Path, default=REFERENCE)
     parser.add_argument("--variant", default="vitae_t")
     parser.add_argument("--out", type=Path, default=None, help="artifacts folder to serve or export into")
-    parser.add_argument("--requests", type=int, default=96, help="requests per computed workload")
+    parser.add_argument("--requests", type=int, default=256, help="requests per computed workload")
     parser.add_argument(
         "--hit-factor", type=int, default=20, help="all-repeating and ceiling send this many times more"
     )
