@@ -3,7 +3,7 @@
 A loaded model leaves a few hundred thousand long-lived Python objects (modules, the backend, its metadata), and
 every full collection walks all of them on the event loop: measured on ViTAE-T under 32 clients, three full
 collections per ~2,000 requests took 120 ms each, a stall of every request in flight, and all collections together
-0.3 ms of CPU per image. Frozen objects are left out of every collection (0.14 ms per image, no full-heap walk).
+0.3 ms of CPU per image. Frozen, they are left out of every collection (then 0.13 ms per image, no full-heap walk).
 
 `settle` runs once a model set goes live (start-up, a new version, an unload): it unfreezes what an earlier
 settle froze, so that a retired model's objects can be collected, collects once (~0.1 s on the event loop, at a
