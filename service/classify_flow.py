@@ -138,7 +138,9 @@ async def answer_uploads(
 ) -> tuple[bytes, int | None]:
     """The response body for `uploads`, and its size when every image was answered (the cache keeps only those)."""
     served = runtime.served
-    prepared = await prepare_all(state, served, uploads, keep_original=opts.cam, decoder=runtime.decoder)
+    prepared = await prepare_all(
+        state, served, uploads, keep_original=opts.cam, decoder=runtime.decoder, priority=policy.priority
+    )
     if len(prepared) == 1 and isinstance(prepared[0], HTTPException):
         raise prepared[0]
     good = [p for p in prepared if isinstance(p, PreparedImage)]

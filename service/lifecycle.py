@@ -60,7 +60,8 @@ class ServiceState:
     models: ModelRegistry = field(init=False)
     tracing: Tracing = field(default_factory=Tracing)  # off unless create_app read OTEL_* turning it on
     pool: ThreadPoolExecutor | None = None
-    decoding: DecodeShares | None = None  # the pool shared fairly between requests
+    urgent_pool: ThreadPoolExecutor | None = None  # decodes `high` requests, at normal scheduling priority
+    decoding: DecodeShares | None = None  # the pools shared by urgency, then fairly between requests
     loader: asyncio.Task | None = field(default=None, repr=False)
     poller: asyncio.Task | None = field(default=None, repr=False)
 
@@ -112,6 +113,10 @@ async def load_model(state: ServiceState, backend: Backend | None = None) -> Non
 # ---------------------------------------------------------------- lifespan
 
 
+def _name_decode() -> None:
+    name_this_thread("vitae-decode")
+
+
 def _yield_cpu_to_inference() -> None:
     """Name this decode thread (service.threads) and lower its scheduling priority (Linux: nice applies per thread).
 
@@ -139,6 +144,7 @@ async def _shut_down(state: ServiceState) -> None:
     for loaded in state.models.live():
         await close_runtime(loaded.runtime)
     state.pool.shutdown(wait=True, cancel_futures=False)
+    state.urgent_pool.shutdown(wait=True, cancel_futures=False)
     await state.tracing.shutdown()  # after the batchers, so that their last spans leave too
     heap.release()
     log.info("stopped")
@@ -153,7 +159,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.pool = ThreadPoolExecutor(
         max_workers=workers, thread_name_prefix="vitae-decode", initializer=_yield_cpu_to_inference
     )
-    state.decoding = DecodeShares(state.pool, workers)
+    state.urgent_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitae-decode", initializer=_name_decode)
+    state.decoding = DecodeShares(state.pool, workers, urgent=state.urgent_pool)
     state.tracing.start()
     # Loading runs in the background so /healthz and /readyz answer (503) while it exports or warms up.
     state.loader = asyncio.create_task(load_model(state, app.state.given_backend), name="load-model")

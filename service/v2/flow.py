@@ -21,6 +21,7 @@ from ..classify_flow import resolve_cam_layer
 from ..decoding import prepare_all
 from ..dispatch import Answer, Options, infer
 from ..inference import PreparedImage
+from ..jobs import Priority
 from ..lifecycle import Runtime, ServiceState
 from ..numerics import range_problem
 from ..postprocess import normalize_cam
@@ -77,7 +78,12 @@ def cam_target(parameters: dict[str, Any], served: ServedArtifacts, runtime: Run
 
 
 async def model_inputs(
-    inputs: list[Tensor], sig: Signature, state: ServiceState, served: ServedArtifacts, decoder: Any = None
+    inputs: list[Tensor],
+    sig: Signature,
+    state: ServiceState,
+    served: ServedArtifacts,
+    decoder: Any = None,
+    priority: Priority = Priority.NORMAL,
 ) -> list[PreparedImage]:
     """The request's one input -> preprocessed images, one per batch entry."""
     for tensor in inputs:
@@ -102,7 +108,7 @@ async def model_inputs(
             raise ProtocolError(problem)
         return [PreparedImage(pixels[i], None) for i in range(count)]
     encoded = tensor.data if tensor.binary else [from_base64(item, i) for i, item in enumerate(tensor.data)]
-    prepared = await prepare_all(state, served, encoded, keep_original=False, decoder=decoder)
+    prepared = await prepare_all(state, served, encoded, keep_original=False, decoder=decoder, priority=priority)
     for i, item in enumerate(prepared):
         if isinstance(item, HTTPException):
             raise HTTPException(item.status_code, detail=f"input '{IMAGE_BYTES}' element {i}: {item.detail}")
@@ -166,7 +172,7 @@ async def compute_outputs(
 ) -> tuple[list[Tensor], int]:
     """Every output asked for, and their size in bytes (what the response cache counts)."""
     served = runtime.served
-    images = await model_inputs(inputs, sig, state, served, runtime.decoder)
+    images = await model_inputs(inputs, sig, state, served, runtime.decoder, policy.priority)
     answers = await infer(request, runtime, images, opts, policy)
     tensors = [output_tensor(out, answers, served) for out in wanted]
     size = sum(t.data.nbytes if isinstance(t.data, np.ndarray) else sum(map(len, t.data)) for t in tensors)

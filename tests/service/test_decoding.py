@@ -20,6 +20,7 @@ from service.artifacts import read_artifacts
 from service.backends import OnnxRuntimeBackend, TorchBackend
 from service.decoding import DecodeShares
 from service.gpu_decode import GpuDecoder
+from service.jobs import Priority
 from service.postprocess import top_k
 from service.runtime import image_decoder
 
@@ -166,7 +167,7 @@ def test_a_request_over_its_share_of_the_pool_lets_another_requests_decode_start
             big = asyncio.create_task(request(shares, [f"big{i}" for i in range(8)]))
             await until(lambda: len(started) == 2, "the big request to hold both threads")
             small = asyncio.create_task(request(shares, ["small"]))
-            await until(lambda: len(shares.running) == 2, "the small request to join")
+            await until(lambda: len(shares.main.running) == 2, "the small request to join")
             gates["big0"].set()
             await until(lambda: len(started) == 3, "a third decode to start")
             for gate in gates.values():
@@ -177,3 +178,107 @@ def test_a_request_over_its_share_of_the_pool_lets_another_requests_decode_start
     order = asyncio.run(scenario())
     assert order[2] == "small", order
     assert sorted(order) == sorted(gates)
+
+
+class Gated:
+    """A stand-in decode that records when it starts and holds its thread until its gate opens."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.started: list[str] = []
+        self.threads: dict[str, str] = {}
+        self.gates = {name: threading.Event() for name in names}
+
+    def __call__(self, name: str) -> str:
+        self.started.append(name)
+        self.threads[name] = threading.current_thread().name
+        self.gates[name].wait(timeout=120)
+        return name
+
+    async def until(self, condition, what: str) -> None:
+        for _ in range(6000):  # 60 s at most
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"gave up waiting for {what}; started: {self.started}")
+
+
+async def one_request(shares: DecodeShares, decode: Gated, name: str, priority=Priority.NORMAL) -> str:
+    async with shares.request(priority) as run:
+        return await run(decode, name)
+
+
+def test_a_high_upload_enters_the_pool_before_normal_uploads_that_arrived_first():
+    """One thread, no urgent lane: n0 runs, n1 waits in the pool's own queue (two places), n2..n4 wait for a place.
+    A high upload arriving now takes the next place, then a low one arriving before n4 still goes after it."""
+    decode = Gated(["n0", "n1", "n2", "n3", "n4", "high", "low"])
+
+    async def scenario() -> None:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            shares = DecodeShares(pool, 1)
+            tasks = []
+            for name in ["n0", "n1", "n2", "n3"]:
+                tasks.append(asyncio.create_task(one_request(shares, decode, name)))
+                await asyncio.sleep(0.01)  # arrival order
+            low = asyncio.create_task(one_request(shares, decode, "low", Priority.LOW))
+            await asyncio.sleep(0.01)
+            tasks.append(asyncio.create_task(one_request(shares, decode, "n4")))
+            high = asyncio.create_task(one_request(shares, decode, "high", Priority.HIGH))
+            await decode.until(lambda: decode.started == ["n0"] and len(shares.main.waiting) == 5, "the queue")
+            assert shares.main.in_pool == 2  # n0 running, n1 queued in the executor
+            for gate in decode.gates.values():
+                gate.set()
+            await asyncio.gather(*tasks, low, high)
+            assert shares.main.in_pool == 0 and not shares.main.running and not shares.main.waiting
+
+    asyncio.run(scenario())
+    assert decode.started == ["n0", "n1", "high", "n2", "n3", "n4", "low"], decode.started
+
+
+def test_a_high_upload_decodes_in_its_own_lane_while_the_pool_is_full():
+    """Both pool threads busy and a queue behind them: a high request's upload starts at once, on the urgent thread,
+    which runs at normal scheduling priority (the pool's run lowered)."""
+    decode = Gated(["n0", "n1", "n2", "n3", "n4", "high"])
+
+    async def scenario() -> None:
+        with (
+            ThreadPoolExecutor(max_workers=2, thread_name_prefix="pool") as pool,
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="urgent") as urgent,
+        ):
+            shares = DecodeShares(pool, 2, urgent=urgent)
+            normal = [asyncio.create_task(one_request(shares, decode, f"n{i}")) for i in range(5)]
+            await decode.until(lambda: len(decode.started) == 2, "the pool's two threads to be taken")
+            high = asyncio.create_task(one_request(shares, decode, "high", Priority.HIGH))
+            await decode.until(lambda: "high" in decode.started, "the high upload to start")
+            assert decode.started[2] == "high" and decode.threads["high"].startswith("urgent")
+            assert not any(decode.threads[n].startswith("urgent") for n in decode.started[:2])
+            for gate in decode.gates.values():
+                gate.set()
+            await asyncio.gather(*normal, high)
+            assert not any(decode.threads[f"n{i}"].startswith("urgent") for i in range(5))
+
+    asyncio.run(scenario())
+
+
+def test_an_upload_cancelled_while_waiting_gives_its_place_back():
+    """A request that goes away (client gone, deadline) while its upload waits leaves no place taken: after the rest
+    finish, the pool is empty and a new upload starts at once."""
+    decode = Gated(["n0", "n1", "gone", "after", "later"])
+
+    async def scenario() -> None:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            shares = DecodeShares(pool, 1)
+            first = [asyncio.create_task(one_request(shares, decode, n)) for n in ["n0", "n1"]]
+            await asyncio.sleep(0.01)
+            gone = asyncio.create_task(one_request(shares, decode, "gone"))
+            after = asyncio.create_task(one_request(shares, decode, "after"))
+            await decode.until(lambda: len(shares.main.waiting) == 2, "two uploads to wait for a place")
+            gone.cancel()
+            for name in ["n0", "n1", "after", "later"]:
+                decode.gates[name].set()
+            await asyncio.gather(*first, after)
+            assert (await asyncio.gather(gone, return_exceptions=True))[0].__class__ is asyncio.CancelledError
+            assert shares.main.in_pool == 0 and not shares.main.running
+            assert await one_request(shares, decode, "later") == "later"
+
+    asyncio.run(scenario())
+    assert "gone" not in decode.started
