@@ -1,11 +1,14 @@
-"""Top-1 of the demo model served over HTTP in bf16 and in fp32, on the Fashion-MNIST test set (not a test).
+"""Top-1 of the demo model served over HTTP in a reduced precision and in fp32, on the Fashion-MNIST test set
+(not a test).
 
     python benchmarks/bench_accuracy.py [--checkpoint demo/model/vitae_fmnist.safetensors] [--limit 10000]
+                                        [--precision bf16|int8|auto]
 
-Exports the checkpoint, then starts `python -m service` twice on it (openvino backend,
-VITAE_CPU_PRECISION=bf16, then fp32) and sends every test image as a PNG through POST /classify
-(multipart, 64 images a request), as a client would. Prints both top-1 figures, their difference
-against the goal (within 0.2 points) and how often the two agree. Needs a CPU with native bf16.
+Exports the checkpoint (with the int8 model for int8 and auto), then starts `python -m service` twice on it
+(openvino backend, VITAE_CPU_PRECISION=--precision, then fp32) and sends every test image as a PNG through
+POST /classify (multipart, 64 images a request), as a client would. With auto the service picks, and the
+precision it picked is the one compared. Prints both top-1 figures, their difference against the goal (within
+0.2 points) and how often the two agree. bf16 needs a CPU with native bf16, int8 one with native int8.
 """
 
 from __future__ import annotations
@@ -60,7 +63,8 @@ async def classify_all(url: str, images: list[bytes], concurrency: int = 4) -> n
     return np.array([i for chunk in answers for i in chunk])
 
 
-def served_predictions(artifacts: Path, precision: str, images: list[bytes], workdir: Path) -> np.ndarray:
+def served_predictions(artifacts: Path, precision: str, images: list[bytes], workdir: Path) -> tuple[str, np.ndarray]:
+    """The precision the service runs when asked for `precision`, and its answers."""
     port = free_port()
     env = service_env(
         artifacts, port, backend="openvino", device="cpu", cpu_precision=precision, max_files=FILES_PER_REQUEST
@@ -69,25 +73,27 @@ def served_predictions(artifacts: Path, precision: str, images: list[bytes], wor
     try:
         ready = httpx.get(f"http://127.0.0.1:{port}/readyz").json()
         print(f"  service: {ready['backend']} on {ready['device']} in {ready['precision']}")
-        if ready["precision"] != precision:
+        if precision != "auto" and ready["precision"] != precision:
             raise SystemExit(f"asked for {precision}, the service runs {ready['precision']}")
-        return asyncio.run(classify_all(f"http://127.0.0.1:{port}", images))
+        return ready["precision"], asyncio.run(classify_all(f"http://127.0.0.1:{port}", images))
     finally:
         stop(process)
 
 
 @dataclass
 class Accuracy:
-    """Top-1 % per precision served (bf16 missing where the service refused it) and how often the two agree."""
+    """Top-1 % per precision served (the reduced one missing where the service refused it) and how often the
+    two agree."""
 
     model: str
     images: int
     top1: dict[str, float]
-    agreement: float | None  # % of images where bf16 and fp32 answer the same class; None: not both served
+    agreement: float | None  # % of images where the reduced precision and fp32 agree; None: not both served
 
 
-def measure(checkpoint: Path, limit: int) -> Accuracy:
-    """Export `checkpoint`, then serve it in bf16 and in fp32 and send the first `limit` test images through each."""
+def measure(checkpoint: Path, limit: int, precision: str = "bf16") -> Accuracy:
+    """Export `checkpoint`, then serve it in `precision` and in fp32 and send the first `limit` test images through
+    each."""
     import export
     from export.inputs import fashion_mnist_test
 
@@ -97,40 +103,47 @@ def measure(checkpoint: Path, limit: int) -> Accuracy:
     pixels, labels = test[0][:limit], test[1][:limit]
     workdir = Path(tempfile.mkdtemp(prefix="bench-accuracy-"))
     artifacts = workdir / "artifacts"
-    meta = export.export_artifacts(checkpoint, artifacts)
-    bf16 = meta["cpu_bf16"]
-    print(f"export's bf16 check: safe={bf16['safe']} ({bf16['reason']})")
+    meta = export.export_artifacts(checkpoint, artifacts, cpu_int8=precision in ("int8", "auto"))
+    for record_name in ("cpu_bf16", "cpu_int8"):
+        if meta.get(record_name):
+            print(f"export's {record_name}: safe={meta[record_name]['safe']} ({meta[record_name]['reason']})")
     images = [png(p) for p in pixels]
     top1 = {}
     predictions = {}
-    for precision in ("bf16", "fp32"):
-        print(f"{precision}: {len(images)} Fashion-MNIST test images over HTTP")
+    for asked in (precision, "fp32"):
+        print(f"{asked}: {len(images)} Fashion-MNIST test images over HTTP")
         try:
-            predictions[precision] = served_predictions(artifacts, precision, images, workdir)
+            served, predictions[asked] = served_predictions(artifacts, asked, images, workdir)
         except ServerFailed as exc:
             print(f"  the service refused to start: {exc}")
             continue
-        top1[precision] = 100.0 * float((predictions[precision] == labels).mean())
-        print(f"  top-1 {top1[precision]:.2f} %")
+        if asked == "auto":
+            predictions[served] = predictions.pop(asked)
+            asked = served
+        top1[asked] = 100.0 * float((predictions[asked] == labels).mean())
+        print(f"  top-1 {top1[asked]:.2f} %")
     agreement = None
     if len(predictions) == 2:
-        agreement = 100.0 * float((predictions["bf16"] == predictions["fp32"]).mean())
+        reduced = next(p for p in predictions if p != "fp32")
+        agreement = 100.0 * float((predictions[reduced] == predictions["fp32"]).mean())
     return Accuracy(meta["name"], len(images), top1, agreement)
 
 
 def report(accuracy: Accuracy) -> bool:
-    """Print both top-1 figures against the goal; False when bf16 could not be compared."""
+    """Print both top-1 figures against the goal; False when no reduced precision could be compared."""
     top1 = accuracy.top1
-    if "bf16" not in top1:
-        print(f"fp32 top-1 {top1.get('fp32', float('nan')):.2f} %; bf16 could not be served here, so not compared")
+    reduced = next((p for p in top1 if p != "fp32"), None)
+    if reduced is None or "fp32" not in top1:
+        print(f"fp32 top-1 {top1.get('fp32', float('nan')):.2f} %; the reduced precision was not served, not compared")
         return False
-    loss = top1["fp32"] - top1["bf16"]
+    loss = top1["fp32"] - top1[reduced]
     print()
     print(f"{accuracy.model} on {accuracy.images} Fashion-MNIST test images, through the service over HTTP")
-    print(f"| precision | top-1 % |\n| --- | ---: |\n| fp32 | {top1['fp32']:.2f} |\n| bf16 | {top1['bf16']:.2f} |")
+    print("| precision | top-1 % |\n| --- | ---: |")
+    print(f"| fp32 | {top1['fp32']:.2f} |\n| {reduced} | {top1[reduced]:.2f} |")
     verdict = "met" if loss <= MAX_LOSS else "NOT met"
     print(
-        f"bf16 - fp32: {-loss:+.2f} points (goal: loss <= {MAX_LOSS}: {verdict}); "
+        f"{reduced} - fp32: {-loss:+.2f} points (goal: loss <= {MAX_LOSS}: {verdict}); "
         f"top-1 agreement {accuracy.agreement:.2f} %"
     )
     return True
@@ -155,10 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=DEMO)
     parser.add_argument("--limit", type=int, default=10_000, help="test images to send (default: all 10,000)")
+    parser.add_argument(
+        "--precision", choices=("bf16", "int8", "auto"), default="bf16", help="compared against fp32 (default bf16)"
+    )
     add_record_option(parser)
     args = parser.parse_args(argv)
 
-    accuracy = measure(args.checkpoint, args.limit)
+    accuracy = measure(args.checkpoint, args.limit, args.precision)
     compared = report(accuracy)
     if accuracy.top1:
         record("accuracy", result_rows(accuracy), args.record)

@@ -6,12 +6,16 @@ emulates it and it is slower than fp32. The steps, in order:
 1. calibrate   on images the evaluation never sees (Fashion-MNIST training images for a Fashion-MNIST
                classifier, else the stand-ins after the evaluation's own);
 2. quantize    with NNCF's accuracy control: layers go back to full precision, most harmful first, until int8
-               loses at most MAX_TOP1_DROP points on validation images that are neither calibration nor
-               evaluation images; the Performer kernel is never quantized (as in the FP16 engine,
-               `export.engine.fp16_graph.PERFORMER_KERNEL`: its log-domain features do not survive 8 bits);
+               picks fp32's class on all but RESTORE_UNTIL % of validation images that are neither calibration
+               nor evaluation images. Never quantized: the Performer kernel (as in the FP16 engine,
+               `export.engine.fp16_graph.PERFORMER_KERNEL`: its log-domain features do not survive 8 bits) and
+               the classifier head (CLASSIFIER_HEAD: its 8-bit input moves every logit at once; on ViTAE-T
+               keeping it raised agreement with fp32 from 94.1 % to 98.8-99.2 % of the evaluation images);
 3. measure     against fp32 on the export's evaluation images (`export.precision.evaluation_inputs`): top-1
-               agreement, top-1 on labelled images, and images/s of fp32, bf16 (where native) and int8;
-4. judge       safe when agreement >= MIN_AGREEMENT % and, on labelled images, top-1 loss <= MAX_TOP1_DROP.
+               agreement, top-1 on labelled images, and images/s of fp32, bf16 (where native) and int8, for
+               each way of computing the layers left unquantized (COMPUTES: fp32, and bf16 where native);
+4. judge       each safe when agreement >= MIN_AGREEMENT % and, on labelled images, top-1 loss <=
+               MAX_TOP1_DROP; the record is the fastest safe one (`compute`), else the fp32 one.
 
 The model is written as OpenVINO IR beside model.onnx (INT8_XML, INT8_BIN) and recorded under `cpu_int8`.
 """
@@ -19,9 +23,10 @@ The model is written as OpenVINO IR beside model.onnx (INT8_XML, INT8_BIN) and r
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +58,18 @@ INT8_XML, INT8_BIN = "model_int8.xml", "model_int8.bin"
 # cpuinfo flags of native int8 dot products: AVX-512 VNNI (Cascade Lake, Zen 4), AVX-VNNI (Alder Lake), AMX-INT8.
 INT8_CPU_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 MAX_TOP1_DROP = 0.2  # points of top-1, as for bf16
+# The restorer's target, in % of validation images whose class differs from fp32's: half of what the gate allows
+# (100 - MIN_AGREEMENT), a margin for the evaluation images being other images. A tighter target chases single
+# images: at 0.2 (one image in 500) it spent 8 rounds of ~4 minutes on ViTAE-T, from 99.6 % agreement.
+RESTORE_UNTIL = (100 - MIN_AGREEMENT) / 2
 CALIBRATION_IMAGES = 300
 VALIDATION_IMAGES = 500
 # Bounds on the accuracy restorer, so an export takes minutes, not hours: at most this many layer groups go back
 # to full precision (then the model is judged as it stands), each ranked on this many validation images.
 MAX_RESTORED_GROUPS = 8
 RANKING_IMAGES = 100
+# ViTAE.head, the Linear from the pooled features to the logits (ONNX node names follow the module names).
+CLASSIFIER_HEAD = re.compile(r"^/head/")
 
 
 def native_int8(flags: Iterable[str]) -> bool:
@@ -82,6 +93,8 @@ class Int8Report:
     int8_images_per_s: float | None = None
     cpu_kind: str | None = None  # the verdict holds for this kind of CPU only (export.precision.cpu_kind)
     quantize_s: float | None = None
+    compute: str = "fp32"  # the precision of the layers left unquantized, as served
+    computes: dict[str, dict[str, Any]] = field(default_factory=dict)  # each one measured, by compute
 
 
 def int8_verdict(agreement: float, fp32_top1: float | None, int8_top1: float | None) -> tuple[bool, str]:
@@ -116,8 +129,8 @@ def tuning_images(prep: Preprocessing, class_names: list[str], measured: int) ->
 def quantize(
     onnx_path: Path, calibration: np.ndarray, validation: np.ndarray, reference: np.ndarray, out: Path
 ) -> Path:
-    """NNCF int8 of `onnx_path` with accuracy control: validation top-1 against `reference` classes (V,) may drop
-    by at most MAX_TOP1_DROP points. Saved as OpenVINO IR at `out` (.xml, with its .bin)."""
+    """NNCF int8 of `onnx_path` with accuracy control: on the validation images, int8 may pick another class than
+    `reference` (fp32's, (V,)) on at most RESTORE_UNTIL % of them. Saved as OpenVINO IR at `out` (.xml, .bin)."""
     import nncf
     import openvino as ov
     from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
@@ -134,10 +147,10 @@ def quantize(
         nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))]),
         nncf.Dataset(items),
         validation_fn=top1,
-        max_drop=MAX_TOP1_DROP / 100,
+        max_drop=RESTORE_UNTIL / 100,
         drop_type=nncf.DropType.ABSOLUTE,
         model_type=nncf.ModelType.TRANSFORMER,
-        ignored_scope=nncf.IgnoredScope(patterns=[PERFORMER_KERNEL.pattern], validate=False),
+        ignored_scope=nncf.IgnoredScope(patterns=[PERFORMER_KERNEL.pattern, CLASSIFIER_HEAD.pattern], validate=False),
         subset_size=len(calibration),
         advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
             max_num_iterations=MAX_RESTORED_GROUPS, ranking_subset_size=RANKING_IMAGES, num_ranking_workers=1
@@ -175,22 +188,44 @@ def measure_int8(
     start = time.perf_counter()
     quantize(onnx_path, calibration, validation, reference, out_dir / INT8_XML)
     seconds = time.perf_counter() - start
-    int8 = compile_cpu(out_dir / INT8_XML, "fp32")
-    agreement, fp32_top1, int8_top1 = compare_logits(fp32_logits, run_logits(int8, images), labels)
-    safe, reason = int8_verdict(agreement, fp32_top1, int8_top1)
-    models = [fp32, int8] + ([compile_cpu(onnx_path, "bf16")] if native_bf16(openvino_capabilities(), flags) else [])
-    speeds = images_per_second(models, np.ascontiguousarray(speed_batch, np.float32))
+    bf16_here = native_bf16(openvino_capabilities(), flags)
+    computes = ["fp32", "bf16"] if bf16_here else ["fp32"]
+    int8 = {compute: compile_cpu(out_dir / INT8_XML, compute) for compute in computes}
+    bf16 = [compile_cpu(onnx_path, "bf16")] if bf16_here else []
+    speeds = images_per_second([fp32, *int8.values(), *bf16], np.ascontiguousarray(speed_batch, np.float32))
+    measured = {}
+    for compute, compiled, speed in zip(computes, int8.values(), speeds[1 : 1 + len(computes)], strict=True):
+        agreement, fp32_top1, int8_top1 = compare_logits(fp32_logits, run_logits(compiled, images), labels)
+        safe, reason = int8_verdict(agreement, fp32_top1, int8_top1)
+        measured[compute] = {
+            "safe": safe,
+            "reason": reason,
+            "top1_agreement": round(agreement, 3),
+            "int8_top1": None if int8_top1 is None else round(int8_top1, 2),
+            "int8_images_per_s": round(speed, 1),
+            "fp32_top1": None if fp32_top1 is None else round(fp32_top1, 2),
+        }
+    compute = served_compute(measured)
+    chosen = measured[compute]
     return Int8Report(
-        safe=safe,
-        reason=reason,
+        safe=chosen["safe"],
+        reason=chosen["reason"] + f"; unquantized layers in {compute}",
         inputs=f"{origin}; tuned on {tuned_on}",
         images=len(images),
-        top1_agreement=round(agreement, 3),
-        fp32_top1=None if fp32_top1 is None else round(fp32_top1, 2),
-        int8_top1=None if int8_top1 is None else round(int8_top1, 2),
+        top1_agreement=chosen["top1_agreement"],
+        fp32_top1=chosen["fp32_top1"],
+        int8_top1=chosen["int8_top1"],
         fp32_images_per_s=round(speeds[0], 1),
-        int8_images_per_s=round(speeds[1], 1),
-        bf16_images_per_s=round(speeds[2], 1) if len(speeds) > 2 else None,
+        int8_images_per_s=chosen["int8_images_per_s"],
+        bf16_images_per_s=round(speeds[-1], 1) if bf16 else None,
         cpu_kind=cpu_kind(flags),
         quantize_s=round(seconds, 1),
+        compute=compute,
+        computes=measured,
     )
+
+
+def served_compute(measured: dict[str, dict[str, Any]]) -> str:
+    """The compute of the unquantized layers to serve: the fastest safe one, else fp32 (recorded as unsafe)."""
+    safe = [compute for compute, m in measured.items() if m["safe"]]
+    return max(safe, key=lambda compute: measured[compute]["int8_images_per_s"]) if safe else "fp32"

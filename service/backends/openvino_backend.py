@@ -77,12 +77,13 @@ class OpenVINOBackend:
 
         choice = choose_cpu_precision(precision, **cpu_facts(served))
         self.precision, self.precision_reason = choice.precision, choice.reason
-        # int8: the export's quantized model, its other layers in fp32 as measured; else model.onnx.
+        # int8: the export's quantized model, its other layers in the precision it measured (int8_compute);
+        # else model.onnx.
         role = "int8" if choice.precision == "int8" else "onnx"
         path = served.file(role)
         if path is None:
             raise BackendUnavailable(f"no {role} model (files.{role}) in {served.folder}")
-        compute = "fp32" if choice.precision == "int8" else choice.precision
+        compute = int8_compute(served.metadata.cpu_int8) if choice.precision == "int8" else choice.precision
         self.cache_dir = cache_dir or served.folder / CACHE_FOLDER
         cache: Path | None = self.cache_dir
         try:
@@ -112,7 +113,8 @@ class OpenVINOBackend:
         outputs = {name for output in self.compiled.outputs for name in output.get_names()}
         if not {"logits", "tokens"} <= outputs:
             raise BackendUnavailable(f"{path.name} lacks the outputs logits and tokens (has {sorted(outputs)})")
-        log.info("OpenVINO %s on CPU, %d stream(s): %s", choice.precision, self.streams, choice.reason)
+        served_as = choice.precision + (f" (unquantized layers in {compute})" if choice.precision == "int8" else "")
+        log.info("OpenVINO %s on CPU, %d stream(s): %s", served_as, self.streams, choice.reason)
 
     def infer(self, images: np.ndarray, token_rows: object = None) -> tuple[np.ndarray, np.ndarray]:
         """Every row's tokens: `token_rows` is ignored (selects_tokens is False)."""
@@ -138,6 +140,15 @@ class OpenVINOBackend:
         self._requests = None
         self._alone = None
         self.compiled = None
+
+
+def int8_compute(report: dict[str, Any] | None) -> str:
+    """The precision of the int8 model's unquantized layers: what the export measured as served (export.int8),
+    fp32 for a record from before it measured more than one."""
+    compute = (report or {}).get("compute") or "fp32"
+    if compute not in ("fp32", "bf16"):
+        raise BackendUnavailable(f"metadata.json cpu_int8.compute is {compute!r}; the export writes fp32 or bf16")
+    return compute
 
 
 def openvino_reason(exc: Exception) -> str:

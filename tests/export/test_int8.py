@@ -10,13 +10,21 @@ import pytest
 from support.images import sample_images
 
 from export import export_artifacts
-from export.int8 import MAX_TOP1_DROP, int8_verdict, measure_int8, native_int8
-from export.precision import cpu_flags, cpu_kind
+from export.int8 import (
+    CLASSIFIER_HEAD,
+    INT8_XML,
+    MAX_TOP1_DROP,
+    int8_verdict,
+    measure_int8,
+    native_int8,
+    served_compute,
+)
+from export.precision import cpu_flags, cpu_kind, native_bf16, openvino_capabilities
 from model.preprocess import decode_image, preprocess
 from service.artifacts import read_artifacts
-from service.backends import OnnxRuntimeBackend
+from service.backends import BackendUnavailable, OnnxRuntimeBackend
 from service.backends.cpu_precision import PrecisionRefused, choose_cpu_precision
-from service.backends.openvino_backend import OpenVINOBackend
+from service.backends.openvino_backend import OpenVINOBackend, int8_compute
 
 pytest.importorskip("openvino", reason="the openvino package (a core dependency) is not installed")
 
@@ -119,11 +127,36 @@ def test_the_export_builds_and_measures_int8_and_records_its_files(int8_artifact
     assert report["int8_images_per_s"] > 0 and report["fp32_images_per_s"] > 0
     assert report["safe"] == int8_verdict(report["top1_agreement"], report["fp32_top1"], report["int8_top1"])[0]
     assert served.metadata.settings["cpu_int8"] is True
+    here = {"fp32", "bf16"} if native_bf16(openvino_capabilities(), cpu_flags()) else {"fp32"}
+    assert set(report["computes"]) == here and report["compute"] == served_compute(report["computes"])
+    chosen = report["computes"][report["compute"]]
+    assert (report["top1_agreement"], report["int8_images_per_s"]) == (
+        chosen["top1_agreement"],
+        chosen["int8_images_per_s"],
+    )
 
 
-def test_the_int8_backend_computes_in_int8(int8_artifacts):
+def test_the_classifier_head_is_left_unquantized(int8_artifacts):
+    """Its 8-bit input would move every logit at once: no FakeQuantize feeds the head, while others feed layers."""
+    import openvino as ov
+
+    model = ov.Core().read_model(str(int8_artifacts / INT8_XML))
+
+    def quantized_inputs(op) -> bool:
+        return any(i.get_source_output().get_node().get_type_name() == "FakeQuantize" for i in op.inputs())
+
+    head = [op for op in model.get_ops() if CLASSIFIER_HEAD.match(op.get_friendly_name())]
+    assert head and not any(quantized_inputs(op) for op in head), [op.get_friendly_name() for op in head]
+    assert any(quantized_inputs(op) for op in model.get_ops() if op.get_type_name() == "MatMul")
+
+
+@pytest.mark.parametrize("compute", ["fp32", "bf16"])
+def test_the_int8_backend_computes_in_int8(int8_artifacts, compute):
+    if compute == "bf16" and not native_bf16(openvino_capabilities(), cpu_flags()):
+        pytest.skip("int8 beside bf16 layers needs a CPU with native bf16 (avx512_bf16 or amx_bf16)")
     served = read_artifacts(int8_artifacts)
-    report = served.metadata.cpu_int8 | {"safe": True}  # the tiny random model's near-ties fail the agreement gate
+    # Forced safe: the tiny random model's near-ties fail the agreement gate.
+    report = served.metadata.cpu_int8 | {"safe": True, "compute": compute}
     forced = dataclasses.replace(served, metadata=dataclasses.replace(served.metadata, cpu_int8=report))
     images = np.stack([preprocess(decode_image(data), served.preprocessing) for data in sample_images(8)])
     backend = OpenVINOBackend(forced, precision="int8", threads=1)
@@ -134,3 +167,20 @@ def test_the_int8_backend_computes_in_int8(int8_artifacts):
     layers = backend.compiled.get_runtime_model().get_ops()
     runtime = {op.get_rt_info()["runtimePrecision"].astype(str) for op in layers}
     assert runtime & {"u8", "i8"}, runtime  # layers really run on 8-bit integers
+    assert ("bf16" in runtime) == (compute == "bf16"), runtime  # the others in the recorded precision
+
+
+def test_the_served_compute_is_the_fastest_safe_one_else_fp32():
+    fp32 = {"safe": True, "int8_images_per_s": 50.0}
+    bf16 = {"safe": True, "int8_images_per_s": 80.0}
+    assert served_compute({"fp32": fp32, "bf16": bf16}) == "bf16"
+    assert served_compute({"fp32": fp32, "bf16": bf16 | {"safe": False}}) == "fp32"
+    assert served_compute({"fp32": fp32 | {"safe": False}, "bf16": bf16}) == "bf16"
+    assert served_compute({"fp32": fp32 | {"safe": False}}) == "fp32"
+
+
+def test_an_int8_record_without_compute_runs_its_other_layers_in_fp32_and_a_bad_one_is_refused():
+    assert int8_compute(None) == int8_compute({"safe": True}) == "fp32"
+    assert int8_compute({"compute": "bf16"}) == "bf16"
+    with pytest.raises(BackendUnavailable, match="cpu_int8.compute is 'fp16'"):
+        int8_compute({"compute": "fp16"})
