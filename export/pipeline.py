@@ -255,7 +255,8 @@ def _build(source: Source, options: ExportOptions, staging: Path, previous: Path
     parity, images = _parity_step(model, staging, options.max_batch)
     _weights_step(model, staging)
     cpu_bf16 = _bf16_step(source, staging, images)
-    cpu_int8 = _int8_step(source, staging, images, files) if options.cpu_int8 else None
+    bf16_safe = bool(cpu_bf16.get("safe"))
+    cpu_int8 = _int8_step(source, staging, images, files, bf16_safe) if options.cpu_int8 else None
     tensorrt = _tensorrt_step(model, options, staging, previous, files, parity_images=(images, parity["inputs"]))
     return _metadata(
         source, options, staging, files, parity=parity, cpu_bf16=cpu_bf16, cpu_int8=cpu_int8, tensorrt=tensorrt
@@ -308,10 +309,14 @@ def _bf16_step(source: Source, staging: Path, images: np.ndarray) -> dict[str, A
     return dataclasses.asdict(report)
 
 
-def _int8_step(source: Source, staging: Path, images: np.ndarray, files: dict[str, str]) -> dict[str, Any]:
-    """OpenVINO int8 with accuracy control against fp32 on this CPU (export.int8); its IR joins `files` when built."""
+def _int8_step(
+    source: Source, staging: Path, images: np.ndarray, files: dict[str, str], bf16_safe: bool
+) -> dict[str, Any]:
+    """OpenVINO int8 with accuracy control against fp32 on this CPU (export.int8); its IR joins `files` when built.
+    Its unquantized layers are tried in bf16 only where the bf16 step measured bf16 safe."""
     with step("int8 (NNCF, accuracy control) against fp32 on this CPU (OpenVINO)"):
-        report = measure_int8(staging / ONNX, staging, source.model.config.preprocessing, source.class_names, images)
+        prep, names = source.model.config.preprocessing, source.class_names
+        report = measure_int8(staging / ONNX, staging, prep, names, images, bf16_safe=bf16_safe)
         log.info("int8: %s (%s)", {True: "safe", False: "unsafe", None: "not measured"}[report.safe], report.reason)
     if (staging / INT8_XML).is_file():
         files["int8"], files["int8_weights"] = INT8_XML, INT8_BIN
