@@ -7,9 +7,11 @@ load, batches fill while the engine is busy). `wait_when_idle` waits the delay i
 batch at low load, for engines whose batch-1 cost is most of a full batch's, at a lone request's expense).
 Batches fill highest priority first, first come first served within a level (`service.job_queue`), and a batch
 led by a high-priority job takes only high-priority jobs (`URGENT`); a full queue sheds its least urgent job for a
-more urgent one. Up to `workers` batches are computed at once (a backend with
-several inference streams, e.g. OpenVINO's CPU streams); the next batch starts filling only when a worker is free,
-so jobs that arrive while every worker is busy wait in the queue and leave together. Every submitted job's future
+more urgent one. Up to `workers` batches are computed at once (a backend with several inference streams, e.g.
+OpenVINO's CPU streams); the next batch starts filling only when a worker is free, so jobs that arrive while every
+worker is busy wait in the queue and leave together. For `urgent_window_s` after a high-priority job arrives, one
+batch is computed at a time: an urgent batch then waits for one batch, not for one per stream, and runs alone (on
+every core, with a backend that computes a lone batch so: `runs_alone_on_every_core`). Every submitted job's future
 is resolved exactly once: with an Outcome, with the batch's failure, with DeadlineExceeded, with QueueFullError
 when shed, or cancelled by its caller (then it is never computed).
 Nothing here knows about HTTP, images or models: `run_batch` is any function list -> list.
@@ -81,6 +83,7 @@ class Batcher(Generic[P, R]):
         workers: int = 1,
         observer: BatchObserver | None = None,
         wait_when_idle: bool = False,
+        urgent_window_s: float = 0.0,
     ) -> None:
         if max_batch_size < 1 or capacity < 1 or workers < 1 or max_delay_s < 0:
             raise ValueError("max_batch_size, capacity and workers must be >= 1 and max_delay_s >= 0")
@@ -92,6 +95,8 @@ class Batcher(Generic[P, R]):
         self.metrics = metrics
         self.workers = workers
         self.wait_when_idle = wait_when_idle
+        self.urgent_window_s = urgent_window_s
+        self._urgent_at = float("-inf")  # when the last high-priority job was submitted (time.monotonic)
         self.observer = observer or BatchObserver()  # tracing's, or one that does nothing
         self.executor = ThreadPoolExecutor(
             max_workers=workers,
@@ -144,6 +149,8 @@ class Batcher(Generic[P, R]):
         self.observer.submitted(job)
         self._pending += 1
         self._set_depth()
+        if priority >= URGENT:
+            self._urgent_at = time.monotonic()
         self._queue.push(job)
         return job
 
@@ -208,6 +215,8 @@ class Batcher(Generic[P, R]):
         try:
             while True:
                 await self._free.acquire()  # the batch fills only once a worker can take it
+                if time.monotonic() - self._urgent_at < self.urgent_window_s:
+                    await self._none_in_flight()  # urgent traffic: one batch at a time
                 first = await self._next_job(None)
                 if first is None:  # closing, and every queued job has been taken
                     self._free.release()
@@ -229,6 +238,10 @@ class Batcher(Generic[P, R]):
         finally:
             if self._in_flight:  # close() returns once every batch in flight has answered
                 await asyncio.wait(set(self._in_flight))
+
+    async def _none_in_flight(self) -> None:
+        while self._in_flight:
+            await asyncio.wait(set(self._in_flight))
 
     def _finished(self, task: asyncio.Task) -> None:
         self._in_flight.discard(task)

@@ -107,7 +107,12 @@ async def choose_backend(settings: Settings, served: ServedArtifacts, given: Bac
     return selection.backend, selection.reason
 
 
-def _batcher(run_batch, settings: Settings, metrics: Metrics, name: str, max_batch: int, workers: int = 1) -> Batcher:
+def _batcher(
+    run_batch, settings: Settings, metrics: Metrics, name: str, max_batch: int, workers: int = 1, backend: Any = None
+) -> Batcher:
+    """A batcher from the settings. With a `backend` that computes a lone batch on every core, urgent traffic makes
+    it run one batch at a time for VITAE_URGENT_WINDOW_S (elsewhere that would only idle cores)."""
+    alone_on_every_core = workers > 1 and getattr(backend, "runs_alone_on_every_core", False)
     return Batcher(
         run_batch,
         max_batch_size=max_batch,
@@ -117,6 +122,7 @@ def _batcher(run_batch, settings: Settings, metrics: Metrics, name: str, max_bat
         metrics=metrics,
         workers=workers,
         wait_when_idle=settings.batch_wait_when_idle,
+        urgent_window_s=settings.urgent_window_s if alone_on_every_core else 0.0,
     )
 
 
@@ -145,7 +151,7 @@ async def start_runtime(
     max_batch = classify_max_batch(settings, backend, served)
     guard = NonFiniteGuard.with_onnxruntime_fp32(backend, served, settings.threads, metrics)
     run = partial(classify_batch, backend, served, guard=guard)
-    classifier = _batcher(run, settings, metrics, f"{prefix}classify", max_batch, streams_of(backend))
+    classifier = _batcher(run, settings, metrics, f"{prefix}classify", max_batch, streams_of(backend), backend)
     try:
         await classifier.run_on_worker(_warm_up, backend, served, max_batch)
         explainer_model = await asyncio.to_thread(_load_explainer, served)

@@ -108,6 +108,7 @@ class OpenVINOBackend:
         if self.streams > 1:
             alone = compile_cpu(path, compute, threads=threads, streams=1, cache_dir=cache)
             self._alone = alone.create_infer_request()
+        self.runs_alone_on_every_core = self._alone is not None  # the batcher's urgent window relies on it
         self._running = 0  # infer calls in progress
         self._running_lock = threading.Lock()
         outputs = {name for output in self.compiled.outputs for name in output.get_names()}

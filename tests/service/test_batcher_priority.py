@@ -101,3 +101,69 @@ def test_a_full_queue_sheds_the_newest_least_urgent_job_and_refuses_when_none_is
     assert all(seconds >= 1 for seconds in refused) and depth == 3
     assert [b[0] for b in batches] == ["busy", "high", "normal_a", "normal_b"]  # the shed were never computed
     assert shed == 2
+
+
+class Overlaps:
+    """run_batch on two workers that records its batches and the most batches it ever computed at once."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running = 0
+        self.most = 0
+        self.batches: list[list[str]] = []
+
+    def __call__(self, items):
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+            self.batches.append(list(items))
+        threading.Event().wait(0.05)  # long enough for a second worker to start beside it
+        with self.lock:
+            self.running -= 1
+        return list(items)
+
+
+@pytest.mark.parametrize("window_s", [0.0, 60.0])
+def test_after_a_high_priority_job_batches_are_computed_one_at_a_time_for_the_urgent_window(window_s):
+    """Two workers, batches of one: normal jobs alone run two at a time. Within the window after a high job, no
+    batch runs beside another, so the urgent image waits for one batch at most; with the window off they overlap."""
+
+    async def scenario() -> tuple[int, int, list[list[str]]]:
+        record = Overlaps()
+        batcher = Batcher(record, max_batch_size=1, max_delay_s=0, capacity=100, workers=2, urgent_window_s=window_s)
+        batcher.start()
+        await asyncio.gather(*(batcher.submit(f"n{i}", timeout_s=60).future for i in range(6)))
+        before = record.most
+        record.most = 0
+        jobs = [batcher.submit(f"m{i}", timeout_s=60) for i in range(6)]
+        jobs.append(batcher.submit("high", timeout_s=60, priority=HIGH))
+        await asyncio.gather(*(job.future for job in jobs))
+        await batcher.close()
+        return before, record.most, record.batches
+
+    before, after, batches = asyncio.run(scenario())
+    assert before == 2, "two workers should compute two normal batches at once"
+    assert after == (1 if window_s else 2), batches
+    queued_ahead = [b[0] for b in batches[6:]].index("high")
+    assert queued_ahead <= 2, batches  # the high job overtook the queued normal ones
+
+
+def test_only_a_backend_that_computes_a_lone_batch_on_every_core_gets_the_urgent_window():
+    """Serialising batches pays only where a lone batch then takes every core (OpenVINO with several streams);
+    elsewhere it would idle cores, so the classify batcher gets VITAE_URGENT_WINDOW_S only there."""
+    from types import SimpleNamespace
+
+    from service.runtime import _batcher
+    from service.settings import Settings
+
+    settings = Settings(urgent_window_s=3)
+    cases = [
+        (SimpleNamespace(runs_alone_on_every_core=True), 2, 3.0),
+        (SimpleNamespace(runs_alone_on_every_core=True), 1, 0.0),
+        (SimpleNamespace(runs_alone_on_every_core=False), 2, 0.0),
+        (SimpleNamespace(), 4, 0.0),  # a backend that does not say
+    ]
+    for backend, workers, window_s in cases:
+        batcher = _batcher(list, settings, Metrics(), "classify", 1, workers, backend)
+        assert batcher.urgent_window_s == window_s, (backend, workers)
+        batcher.executor.shutdown()

@@ -179,6 +179,7 @@ def test_a_batch_that_finds_no_other_running_takes_every_core_and_agrees(served,
     backend = OpenVINOBackend(served, precision="fp32", threads=2, streams=2)
     alone = backend._alone  # the every-core request: a call takes it only while no other call runs
     assert alone is not None and alone.get_compiled_model().get_property("PERFORMANCE_HINT") == "LATENCY"
+    assert backend.runs_alone_on_every_core  # what lets the batcher's urgent window serialise batches
     assert np.abs(backend.infer(images)[0] - reference[0]).max() <= FP32_TOLERANCE
     assert np.abs(alone.get_tensor("logits").data - reference[0]).max() <= FP32_TOLERANCE  # it computed that call
     # Calls beside one another share the every-core request and the streams; none waits, none crosses over.
@@ -193,7 +194,7 @@ def test_a_batch_that_finds_no_other_running_takes_every_core_and_agrees(served,
 
 def test_one_stream_is_the_latency_configuration(served, images, reference):
     backend = OpenVINOBackend(served, precision="fp32", threads=2, streams=1)
-    assert backend.streams == 1
+    assert backend.streams == 1 and not backend.runs_alone_on_every_core
     assert backend.compiled.get_property("PERFORMANCE_HINT") == "LATENCY"
     assert np.abs(backend.infer(images)[0] - reference[0]).max() <= FP32_TOLERANCE
 
