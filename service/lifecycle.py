@@ -113,10 +113,6 @@ async def load_model(state: ServiceState, backend: Backend | None = None) -> Non
 # ---------------------------------------------------------------- lifespan
 
 
-def _name_decode() -> None:
-    name_this_thread("vitae-decode")
-
-
 def _yield_cpu_to_inference() -> None:
     """Name this decode thread (service.threads) and lower its scheduling priority (Linux: nice applies per thread).
 
@@ -159,7 +155,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.pool = ThreadPoolExecutor(
         max_workers=workers, thread_name_prefix="vitae-decode", initializer=_yield_cpu_to_inference
     )
-    state.urgent_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitae-decode", initializer=_name_decode)
+    state.urgent_pool = ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix="vitae-decode", initializer=name_this_thread, initargs=("vitae-decode",)
+    )
     state.decoding = DecodeShares(state.pool, workers, urgent=state.urgent_pool)
     state.tracing.start()
     # Loading runs in the background so /healthz and /readyz answer (503) while it exports or warms up.

@@ -108,7 +108,6 @@ class OpenVINOBackend:
         if self.streams > 1:
             alone = compile_cpu(path, compute, threads=threads, streams=1, cache_dir=cache)
             self._alone = alone.create_infer_request()
-        self.runs_alone_on_every_core = self._alone is not None  # the batcher's urgent window relies on it
         self._running = 0  # infer calls in progress
         self._running_lock = threading.Lock()
         outputs = {name for output in self.compiled.outputs for name in output.get_names()}
@@ -116,6 +115,11 @@ class OpenVINOBackend:
             raise BackendUnavailable(f"{path.name} lacks the outputs logits and tokens (has {sorted(outputs)})")
         served_as = choice.precision + (f" (unquantized layers in {compute})" if choice.precision == "int8" else "")
         log.info("OpenVINO %s on CPU, %d stream(s): %s", served_as, self.streams, choice.reason)
+
+    @property
+    def runs_alone_on_every_core(self) -> bool:
+        """Whether a batch that finds no other running takes every core (what the batcher's urgent window needs)."""
+        return self._alone is not None
 
     def infer(self, images: np.ndarray, token_rows: object = None) -> tuple[np.ndarray, np.ndarray]:
         """Every row's tokens: `token_rows` is ignored (selects_tokens is False)."""
