@@ -5,17 +5,21 @@ emulates it and it is slower than fp32. The steps, in order:
 
 1. calibrate   on images the evaluation never sees (Fashion-MNIST training images for a Fashion-MNIST
                classifier, else the stand-ins after the evaluation's own);
-2. quantize    with NNCF's accuracy control: layers go back to full precision, most harmful first, until int8
+2. probe      which layers this CPU computes in int8: a quick quantization (PROBE_IMAGES calibration images),
+               compiled; a convolution or matmul it computes in floating point anyway (on AVX-512 VNNI, the
+               grouped convolutions of the normal cells, 4 channels per group) is left unquantized, since its
+               quantize and dequantize would cost time and accuracy and buy nothing;
+3. quantize    with NNCF's accuracy control: layers go back to full precision, most harmful first, until int8
                picks fp32's class on all but RESTORE_UNTIL % of validation images that are neither calibration
                nor evaluation images. Never quantized: the Performer kernel (as in the FP16 engine,
                `export.engine.fp16_graph.PERFORMER_KERNEL`: its log-domain features do not survive 8 bits) and
                the classifier head (CLASSIFIER_HEAD: its 8-bit input moves every logit at once; on ViTAE-T
                keeping it raised agreement with fp32 from 94.1 % to 98.8-99.2 % of the evaluation images);
-3. measure     against fp32 on the export's evaluation images (`export.precision.evaluation_inputs`): top-1
+4. measure     against fp32 on the export's evaluation images (`export.precision.evaluation_inputs`): top-1
                agreement, top-1 on labelled images, and images/s of fp32, bf16 (where native) and int8, for
                each way of computing the layers left unquantized: fp32, and bf16 where the CPU has it natively
                and the export's bf16 step measured it safe for this model (finite and close, stress images too);
-4. judge       each safe when agreement >= MIN_AGREEMENT % and, on labelled images, top-1 loss <=
+5. judge       each safe when agreement >= MIN_AGREEMENT % and, on labelled images, top-1 loss <=
                MAX_TOP1_DROP; the record is the fastest safe one (`compute`), else the fp32 one.
 
 The model is written as OpenVINO IR beside model.onnx (INT8_XML, INT8_BIN) and recorded under `cpu_int8`.
@@ -71,6 +75,12 @@ MAX_RESTORED_GROUPS = 8
 RANKING_IMAGES = 100
 # ViTAE.head, the Linear from the pooled features to the logits (ONNX node names follow the module names).
 CLASSIFIER_HEAD = re.compile(r"^/head/")
+# The probe's calibration: which kernel the CPU plugin picks for a layer does not depend on the ranges.
+PROBE_IMAGES = 8
+# The CPU plugin's names for the layers that carry weights (runtime model `layerType`), and its int8 precisions.
+WEIGHTED_LAYERS = frozenset({"Convolution", "FullyConnected", "MatMul"})
+INT8_PRECISIONS = frozenset({"i8", "u8"})
+QUANTIZABLE_OPS = frozenset({"Convolution", "GroupConvolution", "MatMul"})  # the same layers in the model's opset
 
 
 def native_int8(flags: Iterable[str]) -> bool:
@@ -94,6 +104,7 @@ class Int8Report:
     int8_images_per_s: float | None = None
     cpu_kind: str | None = None  # the verdict holds for this kind of CPU only (export.precision.cpu_kind)
     quantize_s: float | None = None
+    left_in_float: list[str] = field(default_factory=list)  # layers this CPU computes in floating point anyway
     compute: str = "fp32"  # the precision of the layers left unquantized, as served
     computes: dict[str, dict[str, Any]] = field(default_factory=dict)  # each one measured, by compute
 
@@ -127,14 +138,59 @@ def tuning_images(prep: Preprocessing, class_names: list[str], measured: int) ->
     )
 
 
+def layers_in_float(runtime_layers: Iterable[tuple[str, str, str]]) -> list[str]:
+    """Names of the weighted layers computed in floating point, from a compiled model's runtime layers
+    (name, layerType, runtimePrecision)."""
+    return [
+        name
+        for name, layer_type, precision in runtime_layers
+        if layer_type in WEIGHTED_LAYERS and precision.lower() not in INT8_PRECISIONS
+    ]
+
+
+def runtime_layers(compiled: Any) -> list[tuple[str, str, str]]:
+    """(name, layerType, runtimePrecision) of each layer OpenVINO's CPU plugin runs for `compiled`."""
+    layers = []
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        layers.append((op.get_friendly_name(), info["layerType"].astype(str), info["runtimePrecision"].astype(str)))
+    return layers
+
+
+def not_computed_in_int8(onnx_path: Path, calibration: np.ndarray, ignored: list[str]) -> list[str]:
+    """The layers that a quick int8 of `onnx_path` (`ignored` patterns left out) still computes in floating point
+    on this CPU: their names, to be left unquantized."""
+    import nncf
+    import openvino as ov
+
+    probe = nncf.quantize(
+        ov.Core().read_model(str(onnx_path)),
+        nncf.Dataset([calibration[i : i + 1] for i in range(min(PROBE_IMAGES, len(calibration)))]),
+        model_type=nncf.ModelType.TRANSFORMER,
+        ignored_scope=nncf.IgnoredScope(patterns=ignored, validate=False),
+        subset_size=PROBE_IMAGES,
+    )
+    patterns = [re.compile(pattern) for pattern in ignored]
+    quantizable = {  # the runtime also names layers of its own making (from a decomposed Einsum, say)
+        op.get_friendly_name()
+        for op in probe.get_ops()
+        if op.get_type_name() in QUANTIZABLE_OPS and not any(p.search(op.get_friendly_name()) for p in patterns)
+    }
+    return [name for name in layers_in_float(runtime_layers(compile_cpu(probe, "fp32"))) if name in quantizable]
+
+
 def quantize(
     onnx_path: Path, calibration: np.ndarray, validation: np.ndarray, reference: np.ndarray, out: Path
-) -> Path:
+) -> list[str]:
     """NNCF int8 of `onnx_path` with accuracy control: on the validation images, int8 may pick another class than
-    `reference` (fp32's, (V,)) on at most RESTORE_UNTIL % of them. Saved as OpenVINO IR at `out` (.xml, .bin)."""
+    `reference` (fp32's, (V,)) on at most RESTORE_UNTIL % of them. Saved as OpenVINO IR at `out` (.xml, .bin).
+    Returns the layers left unquantized because this CPU computes them in floating point anyway."""
     import nncf
     import openvino as ov
     from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
+
+    ignored = [PERFORMER_KERNEL.pattern, CLASSIFIER_HEAD.pattern]
+    left_in_float = not_computed_in_int8(onnx_path, calibration, ignored)
 
     def top1(compiled: Any, items: Iterable[tuple[np.ndarray, int]]) -> tuple[float, list[float]]:
         """Top-1 against `reference`, and each image's 0/1 (NNCF ranks layer groups by the per-image values)."""
@@ -151,14 +207,14 @@ def quantize(
         max_drop=RESTORE_UNTIL / 100,
         drop_type=nncf.DropType.ABSOLUTE,
         model_type=nncf.ModelType.TRANSFORMER,
-        ignored_scope=nncf.IgnoredScope(patterns=[PERFORMER_KERNEL.pattern, CLASSIFIER_HEAD.pattern], validate=False),
+        ignored_scope=nncf.IgnoredScope(names=left_in_float, patterns=ignored, validate=False),
         subset_size=len(calibration),
         advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
             max_num_iterations=MAX_RESTORED_GROUPS, ranking_subset_size=RANKING_IMAGES, num_ranking_workers=1
         ),
     )
     ov.save_model(int8, str(out), compress_to_fp16=False)
-    return out
+    return left_in_float
 
 
 def measure_int8(
@@ -189,7 +245,7 @@ def measure_int8(
     calibration, validation, tuned_on = tuning_images(prep, class_names, len(images))
     reference = run_logits(fp32, validation).argmax(1)  # (V,) validation is judged against fp32's classes
     start = time.perf_counter()
-    quantize(onnx_path, calibration, validation, reference, out_dir / INT8_XML)
+    left_in_float = quantize(onnx_path, calibration, validation, reference, out_dir / INT8_XML)
     seconds = time.perf_counter() - start
     bf16_here = native_bf16(openvino_capabilities(), flags)
     computes = ["fp32", "bf16"] if bf16_here and bf16_safe else ["fp32"]
@@ -223,6 +279,7 @@ def measure_int8(
         bf16_images_per_s=round(speeds[-1], 1) if bf16 else None,
         cpu_kind=cpu_kind(flags),
         quantize_s=round(seconds, 1),
+        left_in_float=left_in_float,
         compute=compute,
         computes=measured,
     )

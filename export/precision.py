@@ -120,9 +120,10 @@ def openvino_version() -> str | None:
 
 
 def compile_cpu(
-    onnx_path: Path, precision: str, *, threads: int = 0, streams: int = 1, cache_dir: Path | None = None
+    model: Path | Any, precision: str, *, threads: int = 0, streams: int = 1, cache_dir: Path | None = None
 ) -> Any:
-    """model.onnx compiled by OpenVINO's CPU plugin in `precision` (bf16 or fp32) -> ov.CompiledModel.
+    """model.onnx (or an OpenVINO IR path, or an ov.Model) compiled by OpenVINO's CPU plugin in `precision` (bf16
+    or fp32) -> ov.CompiledModel.
 
     streams=1: the LATENCY hint, one request at a time using every core for one batch. streams=N > 1: the
     THROUGHPUT hint with N streams, each on its share of the cores, for N requests in flight at once;
@@ -148,7 +149,7 @@ def compile_cpu(
     if cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
         core.set_property({"CACHE_DIR": str(cache_dir)})
-    return core.compile_model(str(onnx_path), "CPU", config)
+    return core.compile_model(str(model) if isinstance(model, Path) else model, "CPU", config)
 
 
 def run_logits(compiled: Any, images: np.ndarray, batch: int = EVAL_BATCH) -> np.ndarray:

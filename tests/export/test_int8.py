@@ -12,14 +12,18 @@ from support.images import sample_images
 from export import export_artifacts
 from export.int8 import (
     CLASSIFIER_HEAD,
+    INT8_PRECISIONS,
     INT8_XML,
     MAX_TOP1_DROP,
+    QUANTIZABLE_OPS,
     int8_verdict,
+    layers_in_float,
     measure_int8,
     native_int8,
+    runtime_layers,
     served_compute,
 )
-from export.precision import cpu_flags, cpu_kind, native_bf16, openvino_capabilities
+from export.precision import compile_cpu, cpu_flags, cpu_kind, native_bf16, openvino_capabilities
 from model.preprocess import decode_image, preprocess
 from service.artifacts import read_artifacts
 from service.backends import BackendUnavailable, OnnxRuntimeBackend
@@ -149,6 +153,46 @@ def test_the_classifier_head_is_left_unquantized(int8_artifacts):
     head = [op for op in model.get_ops() if CLASSIFIER_HEAD.match(op.get_friendly_name())]
     assert head and not any(quantized_inputs(op) for op in head), [op.get_friendly_name() for op in head]
     assert any(quantized_inputs(op) for op in model.get_ops() if op.get_type_name() == "MatMul")
+
+
+def test_every_layer_with_quantized_weights_is_computed_in_int8_on_this_cpu(int8_artifacts):
+    """A layer this CPU would compute in floating point anyway (dequantizing its inputs first) is left unquantized:
+    the probe's names are recorded, none of them has 8-bit weights, and every layer that has them runs in int8."""
+    import openvino as ov
+
+    def int8_weights(op) -> bool:
+        """Weights as a FakeQuantize, or as 8-bit constants dequantized (Convert, Multiply) on the way in."""
+        node = op.input(1).get_source_output().get_node()
+        for _ in range(4):
+            if node.get_type_name() == "FakeQuantize":
+                return True
+            if node.get_type_name() == "Constant":
+                return node.get_element_type().get_type_name() in INT8_PRECISIONS
+            node = node.input(0).get_source_output().get_node()
+        return False
+
+    model = ov.Core().read_model(str(int8_artifacts / INT8_XML))
+    weighted = [op for op in model.get_ops() if op.get_type_name() in QUANTIZABLE_OPS]
+    with_int8_weights = {op.get_friendly_name() for op in weighted if int8_weights(op)}
+    assert with_int8_weights
+    left_in_float = read_artifacts(int8_artifacts).metadata.cpu_int8["left_in_float"]
+    assert not with_int8_weights & set(left_in_float), left_in_float
+    assert set(left_in_float) <= {op.get_friendly_name() for op in weighted}  # names of the model's own layers
+    runtime = {name: precision for name, _, precision in runtime_layers(compile_cpu(int8_artifacts / INT8_XML, "fp32"))}
+    computed = {name: runtime[name] for name in with_int8_weights if name in runtime}
+    assert computed and all(precision.lower() in INT8_PRECISIONS for precision in computed.values()), computed
+
+
+def test_layers_in_float_names_the_weighted_layers_not_computed_in_int8():
+    layers = [
+        ("/NC.0/PCM/PCM.0/Conv/WithoutBiases", "Convolution", "bf16"),  # grouped, 4 channels a group: no int8 kernel
+        ("/NC.0/PCM/PCM.0/Conv/WithoutBiases/fq_weights_1", "Const", "f32"),
+        ("/NC.0/mlp/fc1/MatMul", "FullyConnected", "u8"),
+        ("/NC.0/attn/MatMul_1", "Subgraph", "i8"),
+        ("/RC/Einsum_3", "MatMul", "f32"),
+        ("/RC/PRM/Concat", "Concat", "bf16"),
+    ]
+    assert layers_in_float(layers) == ["/NC.0/PCM/PCM.0/Conv/WithoutBiases", "/RC/Einsum_3"]
 
 
 @pytest.mark.parametrize("compute", ["fp32", "bf16"])
