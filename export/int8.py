@@ -5,9 +5,9 @@ emulates it and it is slower than fp32. The steps, in order:
 
 1. calibrate   on images the evaluation never sees (Fashion-MNIST training images for a Fashion-MNIST
                classifier, else the stand-ins after the evaluation's own);
-2. probe      which layers this CPU computes in int8: a quick quantization (PROBE_IMAGES calibration images),
-               compiled; a convolution or matmul it computes in floating point anyway (on AVX-512 VNNI, the
-               grouped convolutions of the normal cells, 4 channels per group) is left unquantized, since its
+2. probe       which layers this CPU computes in int8: a quick quantization (PROBE_IMAGES calibration images),
+               compiled; a convolution or matmul it computes in floating point anyway (on AVX-512 VNNI, ViTAE-T's
+               grouped convolutions in the normal cells, 4 input channels a group) is left unquantized, since its
                quantize and dequantize would cost time and accuracy and buy nothing;
 3. quantize    with NNCF's accuracy control: layers go back to full precision, most harmful first, until int8
                picks fp32's class on all but RESTORE_UNTIL % of validation images that are neither calibration
