@@ -3,7 +3,8 @@
 The export's own int8 (`python -m export --cpu-int8`, export/int8.py) adds NNCF's accuracy control; this script
 measures what quantization alone gives, with the settings a careful user would pick — NNCF's transformer
 preset, the Performer kernel (the reduction cells' own ops, `export.engine.fp16_graph.PERFORMER_KERNEL`) and the
-classifier head (`export.int8.CLASSIFIER_HEAD`) left in fp32 as the export leaves them, calibration on the
+classifier head (`export.int8.CLASSIFIER_HEAD`) left in fp32 as the export leaves them (`NEVER_QUANTIZED`; the
+export's probe of the layers this CPU computes in int8 is not applied here), calibration on the
 export's own real images — against OpenVINO fp32 of the same `model.onnx`, both compiled as the service compiles
 them (`export.precision`), on the images the export judges bf16 on (`evaluation_inputs`), speed as the median of
 interleaved calls:
@@ -37,10 +38,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from results import add_record_option, record  # noqa: E402
 
-from export.engine.fp16_graph import PERFORMER_KERNEL  # noqa: E402
 from export.fold import fold_batchnorms  # noqa: E402
 from export.inputs import model_inputs  # noqa: E402
-from export.int8 import CLASSIFIER_HEAD  # noqa: E402
+from export.int8 import NEVER_QUANTIZED  # noqa: E402
 from export.onnx_export import export_onnx  # noqa: E402
 from export.precision import compare_logits, compile_cpu, evaluation_inputs, images_per_second, run_logits  # noqa: E402
 from export.source import load_source  # noqa: E402
@@ -63,7 +63,7 @@ def quantize(onnx_path: Path, calibration: np.ndarray, out: Path) -> Path:
         ov.Core().read_model(str(onnx_path)),
         dataset,
         model_type=nncf.ModelType.TRANSFORMER,
-        ignored_scope=nncf.IgnoredScope(patterns=[PERFORMER_KERNEL.pattern, CLASSIFIER_HEAD.pattern], validate=False),
+        ignored_scope=nncf.IgnoredScope(patterns=list(NEVER_QUANTIZED), validate=False),
         subset_size=len(calibration),
     )
     print(f"  quantized in {time.perf_counter() - start:.0f} s on {len(calibration)} calibration images")

@@ -75,6 +75,8 @@ MAX_RESTORED_GROUPS = 8
 RANKING_IMAGES = 100
 # ViTAE.head, the Linear from the pooled features to the logits (ONNX node names follow the module names).
 CLASSIFIER_HEAD = re.compile(r"^/head/")
+# Patterns of the layers never quantized (NNCF IgnoredScope patterns): see step 3 above.
+NEVER_QUANTIZED = (PERFORMER_KERNEL.pattern, CLASSIFIER_HEAD.pattern)
 # The probe's calibration: which kernel the CPU plugin picks for a layer does not depend on the ranges.
 PROBE_IMAGES = 8
 # The CPU plugin's names for the layers that carry weights (runtime model `layerType`), and its int8 precisions.
@@ -189,7 +191,7 @@ def quantize(
     import openvino as ov
     from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
 
-    ignored = [PERFORMER_KERNEL.pattern, CLASSIFIER_HEAD.pattern]
+    ignored = list(NEVER_QUANTIZED)
     left_in_float = not_computed_in_int8(onnx_path, calibration, ignored)
 
     def top1(compiled: Any, items: Iterable[tuple[np.ndarray, int]]) -> tuple[float, list[float]]:

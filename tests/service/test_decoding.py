@@ -139,47 +139,6 @@ def test_only_pytorch_on_cuda_gets_a_device_decoder(artifacts, served):
     assert image_decoder(settings, OnnxRuntimeBackend(served, gpu=False, threads=1), served) is None
 
 
-def test_a_request_over_its_share_of_the_pool_lets_another_requests_decode_start_first():
-    """Two threads, a request of 8 images holding both: once a second request arrives, the next thread that frees
-    goes to the second request's one image, not to the first request's third."""
-    started: list[str] = []
-    gates = {name: threading.Event() for name in [f"big{i}" for i in range(8)] + ["small"]}
-
-    def decode(name: str) -> str:
-        started.append(name)
-        gates[name].wait(timeout=120)
-        return name
-
-    async def request(shares: DecodeShares, names: list[str]) -> list[str]:
-        async with shares.request() as run:
-            return await asyncio.gather(*(run(decode, name) for name in names))
-
-    async def until(condition, what: str) -> None:
-        for _ in range(6000):  # 60 s at most
-            if condition():
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"gave up waiting for {what}; started: {started}")
-
-    async def scenario() -> list[str]:
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            shares = DecodeShares(pool, 2)
-            big = asyncio.create_task(request(shares, [f"big{i}" for i in range(8)]))
-            await until(lambda: len(started) == 2, "the big request to hold both threads")
-            small = asyncio.create_task(request(shares, ["small"]))
-            await until(lambda: len(shares.main.running) == 2, "the small request to join")
-            gates["big0"].set()
-            await until(lambda: len(started) == 3, "a third decode to start")
-            for gate in gates.values():
-                gate.set()
-            assert await small == ["small"] and len(await big) == 8
-            return started
-
-    order = asyncio.run(scenario())
-    assert order[2] == "small", order
-    assert sorted(order) == sorted(gates)
-
-
 class Gated:
     """A stand-in decode that records when it starts and holds its thread until its gate opens."""
 
@@ -200,6 +159,34 @@ class Gated:
                 return
             await asyncio.sleep(0.01)
         raise AssertionError(f"gave up waiting for {what}; started: {self.started}")
+
+
+def test_a_request_over_its_share_of_the_pool_lets_another_requests_decode_start_first():
+    """Two threads, a request of 8 images holding both: once a second request arrives, the next thread that frees
+    goes to the second request's one image, not to the first request's third."""
+    decode = Gated([f"big{i}" for i in range(8)] + ["small"])
+
+    async def request(shares: DecodeShares, names: list[str]) -> list[str]:
+        async with shares.request() as run:
+            return await asyncio.gather(*(run(decode, name) for name in names))
+
+    async def scenario() -> list[str]:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            shares = DecodeShares(pool, 2)
+            big = asyncio.create_task(request(shares, [f"big{i}" for i in range(8)]))
+            await decode.until(lambda: len(decode.started) == 2, "the big request to hold both threads")
+            small = asyncio.create_task(request(shares, ["small"]))
+            await decode.until(lambda: len(shares.main.running) == 2, "the small request to join")
+            decode.gates["big0"].set()
+            await decode.until(lambda: len(decode.started) == 3, "a third decode to start")
+            for gate in decode.gates.values():
+                gate.set()
+            assert await small == ["small"] and len(await big) == 8
+            return decode.started
+
+    order = asyncio.run(scenario())
+    assert order[2] == "small", order
+    assert sorted(order) == sorted(decode.gates)
 
 
 async def one_request(shares: DecodeShares, decode: Gated, name: str, priority=Priority.NORMAL) -> str:
