@@ -73,6 +73,12 @@ def decode_image(data: bytes, *, max_pixels: int | None = None, target_size: int
     return image
 
 
+def stored_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of an image as stored, from its header alone (before any reduced-size decoding)."""
+    with Image.open(io.BytesIO(data)) as image:
+        return image.size
+
+
 def to_model_mode(image: Image.Image, in_chans: int) -> Image.Image:
     """Convert any PIL mode (L, RGB, RGBA, P, CMYK, I;16, ...) to 8-bit L or RGB."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):

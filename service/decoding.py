@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import io
 import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,9 +28,8 @@ from functools import partial
 from typing import Any
 
 from fastapi import HTTPException
-from PIL import Image
 
-from model.preprocess import ACCEPTED_FORMATS, ImageDecodeError, ImageTooLargeError
+from model.preprocess import ACCEPTED_FORMATS, ImageDecodeError, ImageTooLargeError, stored_size
 
 from .artifacts import ServedArtifacts
 from .inference import PreparedImage, prepare_image
@@ -205,7 +203,6 @@ async def prepare_one(run: Run, prepare: Callable[[bytes], PreparedImage], data:
 
 
 def pixel_size(data: bytes) -> dict[str, int]:
-    """The upload's width and height as stored, from its header alone (before any reduced-size decoding)."""
-    with Image.open(io.BytesIO(data)) as image:
-        width, height = image.size
+    """The upload's width and height as stored, as span attributes."""
+    width, height = stored_size(data)
     return {"vitae.image.width": width, "vitae.image.height": height}

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from model import Preprocessing
-from model.preprocess import decode_image, preprocess, resize_size
+from model.preprocess import decode_image, preprocess, resize_size, stored_size
 
 from .artifacts import ServedArtifacts
 from .backends import Backend, infer_rows
@@ -35,16 +35,20 @@ def prepare_image(data: bytes, prep: Preprocessing, *, max_pixels: int, cam_max_
     side: drawing PNGs costs time and memory in proportion to their pixels, so that bounds the work of a
     CAM whatever the upload's size. The picture decoded for the model is reused when it is at least that
     large; a JPEG drafted smaller than that (a small model input) is decoded again, in draft mode at about
-    cam_max_side, for a sharp overlay. The model input, and so the logits, never depend on whether a CAM
-    was asked for. Raises model.preprocess.ImageDecodeError / ImageTooLargeError.
+    cam_max_side, for a sharp overlay (one decoded at its stored size is not: it would come out the same). The
+    model input, and so the logits, never depend on whether a CAM was asked for. Raises
+    model.preprocess.ImageDecodeError / ImageTooLargeError.
     """
     image = decode_image(data, max_pixels=max_pixels, target_size=resize_size(prep))
     pixels = preprocess(image, prep)
     original = None
     if cam_max_side is not None:
-        if data.startswith(JPEG_MAGIC) and max(image.size) < cam_max_side:
+        if data.startswith(JPEG_MAGIC) and max(image.size) < cam_max_side and image.size != stored_size(data):
             image = decode_image(data, max_pixels=max_pixels, target_size=cam_max_side)
-        image.thumbnail((cam_max_side, cam_max_side), Image.Resampling.BILINEAR)  # in place; pixels are computed
+        # In place (the pixels are computed). reducing_gap=1: an integer box reduction, then a short bilinear step,
+        # as render_cam scales: a third of the time of bilinear over the whole photo (640x427 -> 256x171: 0.3 ms
+        # against 0.9 ms).
+        image.thumbnail((cam_max_side, cam_max_side), Image.Resampling.BILINEAR, reducing_gap=1.0)
         original = image
     return PreparedImage(pixels, original)
 

@@ -53,6 +53,22 @@ def test_a_large_image_is_kept_for_the_overlay_within_cam_max_side(fmt):
     )
 
 
+def test_a_jpeg_decoded_at_its_stored_size_is_not_decoded_again_for_the_overlay(monkeypatch):
+    """Smaller than cam_max_side and not drafted: a second decode would give the same picture."""
+    import service.inference
+
+    decodes = []
+    monkeypatch.setattr(service.inference, "decode_image", lambda *a, **k: decodes.append(k) or decode_image(*a, **k))
+    small = encode(drawn_image(3, size=(120, 60), mode="RGB"), "JPEG")  # under twice 32 px: no draft
+    assert prepare_image(small, PREP, max_pixels=10**7, cam_max_side=400).original.size == (120, 60)
+    assert len(decodes) == 1
+    # Drafted for a small model input (1600x1200 decodes at 200x150 for PREP's 32 px), so decoded again near 400.
+    large = encode(drawn_image(2, size=(1600, 1200), mode="RGB"), "JPEG")
+    decodes.clear()
+    assert prepare_image(large, PREP, max_pixels=10**7, cam_max_side=400).original.size == (400, 300)
+    assert [call["target_size"] for call in decodes] == [resize_size(PREP), 400]
+
+
 def test_prepare_image_refuses_too_many_pixels():
     with pytest.raises(ImageTooLargeError):
         prepare_image(encode(Image.new("L", (100, 100)), "PNG"), PREP, max_pixels=99 * 100, cam_max_side=None)
