@@ -14,10 +14,11 @@ answered), it measures:
     and one lone client sending one photo at a time;
   * naive: the plain export in ONNX Runtime behind a FastAPI endpoint, one `session.run` per request;
   * LitServe: the plain export in ONNX Runtime behind LitServe with its batching (pip extra `bench`).
-and prints the ratios against the goals, and the server's CPU per image outside its engine (the service's CPU per
-image less the raw engine's). Servers and load generator share the machine, as on one host; the load generator is
-a bare keep-alive HTTP/1.1 client (harness.LeanConnection), so that it takes little of the servers' cores. On a
-shared machine absolute figures drift between runs, so compare the ratios within one run.
+and prints the ratios against the goals, and the server's CPU per image outside its engine (its threads' CPU less the
+inference runtime's: the runtime's own threads, and its work inside backend calls on the batch workers'). Servers and
+load generator share the machine, as on one host; the load generator is a bare keep-alive HTTP/1.1 client
+(harness.LeanConnection), so that it takes little of the servers' cores. On a shared machine absolute figures drift
+between runs, so compare the ratios within one run.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from harness import (  # noqa: E402
     cpu_seconds,
     free_port,
     lean_closed_loop,
+    metric_total,
     multipart_body,
     real_jpegs,
     service_env,
@@ -288,24 +290,34 @@ def raw_latency_ms(backend, pixels: np.ndarray, calls: int = 60) -> float:
     return 1000 * float(np.median(times))
 
 
+ENGINE_ON_WORKERS = "vitae_inference_thread_cpu_seconds_total"  # the batch workers' CPU inside backend calls
+
+
 async def drive(port: int, jpegs: list[bytes], concurrency: int, total: int, request, server) -> dict[str, float]:
     """Closed loop: `concurrency` clients, `total` requests; `request(data)` is the request that sends one photo.
 
     Also the server's CPU time per answered image (`server`'s process group, from /proc): what the server spends on
     one image whatever else runs on the machine, the steadier figure on a loaded one, and the same split by its
     threads' roles (harness.thread_cpu_seconds: event loop, decode, batch workers, engine); and the load
-    generator's (this process), which shares the machine with the server.
+    generator's (this process), which shares the machine with the server. The runtime's work on the batch workers'
+    threads (inside the backend call, which the service counts in ENGINE_ON_WORKERS) is the engine's.
     """
     requests = [request(data) for data in jpegs]
     await lean_closed_loop("127.0.0.1", port, concurrency, concurrency, lambda i: requests[i % len(requests)])  # warm
-    cpu_started, roles_started, own_started = (
+    url = f"http://127.0.0.1:{port}"
+    cpu_started, roles_started, on_workers_started, own_started = (
         cpu_seconds(server.pid),
         thread_cpu_seconds(server.pid),
+        metric_total(url, ENGINE_ON_WORKERS),
         time.process_time(),
     )
     loop = await lean_closed_loop("127.0.0.1", port, concurrency, total, lambda i: requests[i % len(requests)])
     cpu, own = cpu_seconds(server.pid) - cpu_started, time.process_time() - own_started
     roles = {role: spent - roles_started[role] for role, spent in thread_cpu_seconds(server.pid).items()}
+    on_workers = metric_total(url, ENGINE_ON_WORKERS)
+    if on_workers is not None and on_workers_started is not None:
+        roles["batch workers"] -= on_workers - on_workers_started
+        roles["engine"] += on_workers - on_workers_started
     answered = len(loop.latencies_s)
     ms = np.array(loop.latencies_s) * 1000 if answered else np.array([np.nan])  # no answer at all: nan, not a crash
     return {

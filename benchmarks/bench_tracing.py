@@ -19,14 +19,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_service import REFERENCE, checkpoint_or_random, measure, raw_jpeg  # noqa: E402
-from harness import free_port, real_jpegs, service_env, start, stop  # noqa: E402
+from harness import free_port, metric_total, real_jpegs, service_env, start, stop  # noqa: E402
 from otlp_receiver import OtlpReceiver, tracing_env  # noqa: E402
 from results import add_record_option, record  # noqa: E402
 
@@ -47,11 +45,9 @@ def measure_mode(mode: str, artifacts: Path, jpegs: list[bytes], args, receiver:
     process = start([sys.executable, "-m", "service"], env, port, log, "/readyz")
     try:
         figures = measure(f"tracing {mode}", url, jpegs, args.concurrency, total, raw_jpeg("/classify"), process)
-        dropped = sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in httpx.get(f"{url}/metrics").text.splitlines()
-            if line.startswith("vitae_trace_spans_dropped_total{")
-        )
+        dropped = metric_total(url, "vitae_trace_spans_dropped_total")
+        if dropped is None:
+            raise RuntimeError(f"the service at {url} answered no /metrics")
     finally:
         stop(process)  # the lifespan flushes the spans still queued
     return figures | {"spans_dropped": dropped}

@@ -3,6 +3,7 @@
 - a free local port, and the environment of a `python -m service` on it (`service_env`);
 - a server process started in its own process group and polled until ready (`start`, `wait_ready`), stopped with
   its workers (`stop`), and its CPU time read from /proc (`cpu_seconds`; by thread role, `thread_cpu_seconds`);
+- a metric's total over its series, read from the service's /metrics (`metric_total`);
 - real JPEG photos to send (`real_jpegs`);
 - a closed-loop client: N clients, each sending its next request when the last one is answered (`closed_loop`
   with httpx; `lean_closed_loop` with one bare keep-alive connection per client, `LeanConnection`, for benchmarks
@@ -164,6 +165,21 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
             role = "engine"
         roles[role] += cpu_of(fields)
     return roles
+
+
+def metric_total(url: str, name: str) -> float | None:
+    """The sum of Prometheus metric `name`'s series at `url`/metrics; None where the server has no /metrics."""
+    try:
+        response = httpx.get(f"{url}/metrics", timeout=10)
+    except httpx.HTTPError:
+        return None
+    if response.status_code != 200:
+        return None
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in response.text.splitlines()
+        if line.startswith((f"{name}{{", f"{name} "))
+    )
 
 
 def real_jpegs(count: int) -> list[bytes]:

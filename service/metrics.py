@@ -53,6 +53,13 @@ class Metrics:
         self.inference = Histogram(
             "vitae_inference_seconds", "Backend time per batch", ["model"], buckets=LATENCY_BUCKETS, registry=r
         )
+        self.engine_thread_cpu = Counter(
+            "vitae_inference_thread_cpu_seconds",
+            "CPU time the batch workers' threads spent inside backend calls: the inference runtime's own work on the "
+            "calling thread (its other threads are not counted)",
+            ["model"],
+            registry=r,
+        )
         self.queue_depth = Gauge("vitae_queue_depth", "Images waiting for a batch", ["model"], registry=r)
         self.dropped = Counter(
             "vitae_dropped_images", "Queued images never computed, by reason", ["model", "reason"], registry=r

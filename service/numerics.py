@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -96,10 +97,15 @@ class NonFiniteGuard:
     """Calls the backend and keeps non-finite rows out of the answers (see the module's docstring).
 
     `fallback` builds the fp32 backend on first need (an ONNX Runtime CPU session of the same model.onnx);
-    it is called from the batcher's workers, so building it is locked.
+    it is called from the batcher's workers, so building it is locked. Being where the classify path calls the
+    backend, it also counts the calling thread's CPU time inside those calls (`vitae_inference_thread_cpu_seconds`
+    for `model`): runtimes such as OpenVINO and ONNX Runtime compute on the calling thread too, and that work is
+    theirs, not the batch worker's.
     """
 
-    def __init__(self, backend: Backend, fallback: Callable[[], Backend], metrics: Metrics) -> None:
+    def __init__(
+        self, backend: Backend, fallback: Callable[[], Backend], metrics: Metrics, model: str = "classify"
+    ) -> None:
         self.backend = backend
         self.precision = precision_of(backend)
         self._make_fallback = fallback
@@ -108,15 +114,27 @@ class NonFiniteGuard:
         self._lock = threading.Lock()
         self._logged: set[str] = set()
         self._counter = metrics.nonfinite
+        self._engine_cpu = metrics.engine_thread_cpu.labels(model)
 
     @classmethod
-    def with_onnxruntime_fp32(cls, backend: Backend, served: ServedArtifacts, threads: int, metrics: Metrics):
+    def with_onnxruntime_fp32(
+        cls, backend: Backend, served: ServedArtifacts, threads: int, metrics: Metrics, model: str = "classify"
+    ):
         """The guard whose fp32 twin is an ONNX Runtime CPU session of the served model.onnx."""
-        return cls(backend, partial(OnnxRuntimeBackend, served, gpu=False, threads=threads, streams=1), metrics)
+        fallback = partial(OnnxRuntimeBackend, served, gpu=False, threads=threads, streams=1)
+        return cls(backend, fallback, metrics, model)
+
+    def _timed(self, infer: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """infer(*args, **kwargs), its CPU time on this thread counted as the inference runtime's."""
+        started = time.thread_time()
+        try:
+            return infer(*args, **kwargs)
+        finally:
+            self._engine_cpu.inc(time.thread_time() - started)
 
     def __call__(self, images: Any, token_rows: Sequence[int] | None = None) -> Guarded:
         """The backend's outputs for `images` (B, C, S, S), tokens of `token_rows` only (every row's when None)."""
-        logits, tokens = infer_rows(self.backend, images, token_rows)  # (B, K), (R, N, D)
+        logits, tokens = self._timed(infer_rows, self.backend, images, token_rows)  # (B, K), (R, N, D)
         rows = nonfinite_rows(logits, tokens, token_rows)
         if not rows:
             return Guarded(logits, tokens, {}, token_rows)
@@ -126,7 +144,7 @@ class NonFiniteGuard:
         if fallback is None:
             why = f"computed in {self.precision}; {self._fallback_error}"
             return Guarded(logits, tokens, self._refuse(rows, len(images), why), token_rows)
-        again_logits, again_tokens = fallback.infer(on_host(images)[rows])  # every token of the recomputed rows
+        again_logits, again_tokens = self._timed(fallback.infer, on_host(images)[rows])  # every recomputed row's tokens
         logits, tokens = self._replace(logits, tokens, token_rows, rows, again_logits, again_tokens)
         returned = [token_rows is None or row in token_rows for row in rows]  # whose tokens are answered
         still = [

@@ -149,9 +149,10 @@ async def start_runtime(
     On failure the backend and the batchers' threads are closed before the error propagates.
     """
     max_batch = classify_max_batch(settings, backend, served)
-    guard = NonFiniteGuard.with_onnxruntime_fp32(backend, served, settings.threads, metrics)
+    label = f"{prefix}classify"
+    guard = NonFiniteGuard.with_onnxruntime_fp32(backend, served, settings.threads, metrics, label)
     run = partial(classify_batch, backend, served, guard=guard)
-    classifier = _batcher(run, settings, metrics, f"{prefix}classify", max_batch, streams_of(backend), backend)
+    classifier = _batcher(run, settings, metrics, label, max_batch, streams_of(backend), backend)
     try:
         await classifier.run_on_worker(_warm_up, backend, served, max_batch)
         explainer_model = await asyncio.to_thread(_load_explainer, served)

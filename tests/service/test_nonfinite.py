@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import time
 
 import httpx
 import numpy as np
@@ -17,7 +18,8 @@ from support.server import metric, serving
 from model import Preprocessing
 from service.artifacts import read_artifacts
 from service.backends import OnnxRuntimeBackend
-from service.numerics import accepted_range, range_problem
+from service.metrics import Metrics
+from service.numerics import NonFiniteGuard, accepted_range, range_problem
 
 MODEL = "vitae_fmnist"
 FLAT = encode(Image.new("L", (28, 28), 128), "PNG")
@@ -113,3 +115,39 @@ def test_the_accepted_range_takes_every_image_the_preprocessing_makes_and_refuse
     assert "image 1 channel 2" in range_problem(beyond, prep, "images")
     beyond[1, 2, 0, 0] = np.nan
     assert "NaN" in range_problem(beyond, prep, "images")
+
+
+class Waiting:
+    """The real ONNX Runtime backend's outputs after `wait_s` of waiting, as for an engine computing elsewhere."""
+
+    def __init__(self, real: OnnxRuntimeBackend, wait_s: float) -> None:
+        self.real, self.wait_s = real, wait_s
+        self.name, self.device, self.precision = "waiting", "cpu", "fp32"
+
+    def infer(self, images):
+        outputs = self.real.infer(images)
+        time.sleep(self.wait_s)
+        return outputs
+
+
+def test_the_guard_counts_the_runtimes_cpu_on_the_calling_thread_and_not_its_waits(artifacts):
+    served = read_artifacts(artifacts)
+    prep = served.preprocessing
+    images = np.random.default_rng(0).normal(0, 1, (8, prep.in_chans, prep.img_size, prep.img_size)).astype("f4")
+    metrics = Metrics()
+    # One intra-op thread: ONNX Runtime computes on the calling thread, as OpenVINO's sync infer partly does.
+    computing = OnnxRuntimeBackend(served, gpu=False, threads=1)
+    guard = NonFiniteGuard(computing, lambda: None, metrics, "demo")
+    started = time.thread_time()
+    for _ in range(5):
+        guard(images)
+    spent = time.thread_time() - started
+    counted = metric(metrics.exposition().decode(), "vitae_inference_thread_cpu_seconds_total", model="demo")
+    assert 0.8 * spent <= counted <= spent, (counted, spent)
+
+    waiting = NonFiniteGuard(Waiting(computing, 0.05), lambda: None, metrics, "waits")
+    started = time.perf_counter()
+    waiting(images)
+    assert time.perf_counter() - started >= 0.05
+    counted = metric(metrics.exposition().decode(), "vitae_inference_thread_cpu_seconds_total", model="waits")
+    assert counted < 0.025, counted  # its compute (~2 ms here) only, not the 50 ms wait
