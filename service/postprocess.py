@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,11 +102,36 @@ def jet_image(map_levels: np.ndarray) -> Image.Image:
     return image
 
 
-def png_base64(image: Image.Image) -> str:
-    """PIL image -> base64 PNG (fastest zlib level: these are responses, not archives)."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=1)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def palette_png(indices: np.ndarray, palette: np.ndarray) -> bytes:
+    """uint8 palette indices (H, W) and their (256, 3) uint8 colours -> a PNG file (colour type 3, 8 bits).
+
+    Each row is stored with PNG's Up filter (its difference to the row above), which PIL does not use for palette
+    images: a smooth heatmap's rows differ little, so zlib's fastest level packs them into ~2/3 of the bytes of
+    PIL's unfiltered PNG in ~half its time. The file is standard PNG that any decoder reads.
+    """
+    height, width = indices.shape
+    rows = np.empty((height, width + 1), np.uint8)  # (H, 1 + W): each row's filter type byte, then its bytes
+    rows[:, 0] = 2  # Up
+    rows[0, 1:] = indices[0]  # the first row's "row above" is zeros
+    np.subtract(indices[1:], indices[:-1], out=rows[1:, 1:])  # modulo 256, as the filter is defined
+    header = struct.pack(">IIBBBBB", width, height, 8, 3, 0, 0, 0)  # 8-bit palette, deflate, no interlace
+    return b"".join(
+        (
+            PNG_SIGNATURE,
+            png_chunk(b"IHDR", header),
+            png_chunk(b"PLTE", np.ascontiguousarray(palette, np.uint8).tobytes()),
+            png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 1)),  # fastest level: responses, not archives
+            png_chunk(b"IEND", b""),
+        )
+    )
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    """One PNG chunk: length, type, body, CRC-32 of type and body."""
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
 def jpeg_base64(image: Image.Image, quality: int = JPEG_QUALITY) -> str:
@@ -128,7 +155,8 @@ def render_cam(grid: np.ndarray, original: Image.Image, max_side: int = CAM_MAX_
 
     Both pictures are drawn at the image's size scaled down to at most `max_side` on the longer side
     (the client scales them up to the photo), so the cost does not grow with the upload. Every pixel
-    step is one of PIL's C loops: box reduction then bilinear resize, palette look-up, 50/50 blend.
+    step is one of PIL's C loops (box reduction then bilinear resize, palette look-up, 50/50 blend) or numpy's
+    (the heatmap PNG's row filter).
     """
     size = fit_within(original.size, max_side)
     base = original
@@ -136,11 +164,12 @@ def render_cam(grid: np.ndarray, original: Image.Image, max_side: int = CAM_MAX_
         # reducing_gap=1: an integer box reduction first, then a short bilinear step (~50x cheaper than
         # bilinear over the whole photo, and as smooth).
         base = base.resize(size, Image.Resampling.BILINEAR, reducing_gap=1.0)
-    heatmap = jet_image(levels(grid, size))
+    map_levels = levels(grid, size)  # (H, W) uint8
+    heatmap = jet_image(map_levels)
     return CamImages(
         grid=grid.astype(float).tolist(),
         width=size[0],
         height=size[1],
-        heatmap_png=png_base64(heatmap),
+        heatmap_png=base64.b64encode(palette_png(map_levels, JET_TABLE)).decode("ascii"),
         overlay_jpeg=jpeg_base64(Image.blend(base.convert("RGB"), heatmap.convert("RGB"), 0.5)),
     )

@@ -14,9 +14,11 @@ from service.postprocess import (
     JET_TABLE,
     fit_within,
     jet,
+    jet_image,
     last_cell_cam,
     levels,
     normalize_cam,
+    palette_png,
     render_cam,
     softmax,
     top_k,
@@ -108,3 +110,24 @@ def decoded(b64: str) -> Image.Image:
     image = Image.open(io.BytesIO(base64.b64decode(b64)))
     image.load()
     return image
+
+
+@pytest.mark.parametrize("shape", [(171, 256), (1, 7), (9, 1)])
+def test_palette_png_decodes_to_the_same_indices_and_colours_whatever_the_rows(shape):
+    rng = np.random.default_rng(0)
+    indices = rng.integers(0, 256, shape, dtype=np.uint8)  # neighbouring rows far apart: the filter wraps mod 256
+    png = palette_png(indices, JET_TABLE)
+    image = Image.open(io.BytesIO(png))
+    assert (image.format, image.mode, image.size) == ("PNG", "P", shape[::-1])
+    np.testing.assert_array_equal(np.asarray(image), indices)
+    np.testing.assert_array_equal(np.asarray(image.getpalette(), np.uint8).reshape(-1, 3), JET_TABLE)
+
+
+def test_palette_png_of_a_heatmap_is_smaller_than_pils_unfiltered_one():
+    rng = np.random.default_rng(1)
+    map_levels = levels(normalize_cam(rng.normal(size=(14, 14))), (256, 171))
+    ours = palette_png(map_levels, JET_TABLE)
+    buffer = io.BytesIO()
+    jet_image(map_levels).save(buffer, format="PNG", compress_level=1)
+    assert len(ours) < 0.8 * len(buffer.getvalue()), (len(ours), len(buffer.getvalue()))
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(ours))), map_levels)
