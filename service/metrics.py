@@ -53,7 +53,7 @@ class Metrics:
         self.inference = Histogram(
             "vitae_inference_seconds", "Backend time per batch", ["model"], buckets=LATENCY_BUCKETS, registry=r
         )
-        self.engine_thread_cpu = Counter(
+        self.inference_thread_cpu = Counter(
             "vitae_inference_thread_cpu_seconds",
             "CPU time the batch workers' threads spent inside backend calls: the inference runtime's own work on the "
             "calling thread (its other threads are not counted)",

@@ -114,7 +114,7 @@ class NonFiniteGuard:
         self._lock = threading.Lock()
         self._logged: set[str] = set()
         self._counter = metrics.nonfinite
-        self._engine_cpu = metrics.engine_thread_cpu.labels(model)
+        self._inference_cpu = metrics.inference_thread_cpu.labels(model)
 
     @classmethod
     def with_onnxruntime_fp32(
@@ -130,7 +130,7 @@ class NonFiniteGuard:
         try:
             return infer(*args, **kwargs)
         finally:
-            self._engine_cpu.inc(time.thread_time() - started)
+            self._inference_cpu.inc(time.thread_time() - started)
 
     def __call__(self, images: Any, token_rows: Sequence[int] | None = None) -> Guarded:
         """The backend's outputs for `images` (B, C, S, S), tokens of `token_rows` only (every row's when None)."""
