@@ -1,15 +1,18 @@
 """The service against its own engine and against what a user gets without it, in one run (not a test).
 
     python benchmarks/bench_service.py [--checkpoint PATH --variant vitae_t] [--requests 384] [--concurrency 32]
-                                       [--cpu-precision auto|bf16|int8|fp32] [--out DIR (kept; reused when exported)]
+                                       [--cpu-precision auto|bf16|int8|fp32] [--[no-]cpu-int8]
+                                       [--out DIR (kept; reused when exported)]
 
 Exports ViTAE-T at 224 with this project (the release's weights from ../shared/reference when present, else
-random weights), and separately with a plain `torch.onnx.export` of the same weights. Then, with real JPEG
+random weights), with its int8 model where the CPU multiplies int8 natively (VNNI, AMX-INT8; `--[no-]cpu-int8`
+decides otherwise), and separately with a plain `torch.onnx.export` of the same weights. Then, with real JPEG
 photos (400-800 px) at `--concurrency` closed-loop clients (each sends its next image when the last one is
 answered), it measures:
-  * raw engine: the backend the service picks (`auto`: OpenVINO, bf16 where safe) on preprocessed inputs,
-    batch 1..max, median of 3 interleaved rounds, best batch reported; ONNX Runtime fp32 likewise for reference;
-    and the same engine's batch-1 latency with one stream on every core (OpenVINO's LATENCY hint);
+  * raw engine: the backend the service picks (`auto`: OpenVINO, int8 or bf16 where safe and faster) on
+    preprocessed inputs, batch 1..max, median of 3 interleaved rounds, best batch reported; ONNX Runtime fp32
+    likewise for reference; and the same engine's batch-1 latency with one stream on every core (OpenVINO's
+    LATENCY hint);
   * the service (`python -m service`, response cache off: the photos repeat), with cam=false and with cam=true,
     and one lone client sending one photo at a time;
   * naive: the plain export in ONNX Runtime behind a FastAPI endpoint, one `session.run` per request;
@@ -406,10 +409,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cpu-precision", default="auto", help="the service's VITAE_CPU_PRECISION")
     parser.add_argument("--streams", type=int, default=0, help="the service's VITAE_INFER_STREAMS (0: the backend's)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of engine and service, interleaved")
-    parser.add_argument("--cpu-int8", action="store_true", help="the export also measures int8 (python -m export's)")
+    parser.add_argument(
+        "--cpu-int8",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the export also builds and measures int8 (python -m export's), so that `auto` may serve it; "
+        "default: where this CPU multiplies int8 natively (VNNI or AMX-INT8)",
+    )
     parser.add_argument("--skip-baselines", action="store_true", help="measure the engine and the service only")
     add_record_option(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.cpu_int8 is None:
+        args.cpu_int8 = int8_is_native()
+    return args
+
+
+def int8_is_native() -> bool:
+    """Whether this CPU multiplies int8 natively, where int8 may pay (export.int8's test of its flags)."""
+    from export.int8 import native_int8
+    from export.precision import cpu_flags
+
+    return native_int8(cpu_flags())
 
 
 def cpu_description() -> str:
@@ -691,6 +711,7 @@ def main(argv: list[str] | None = None) -> int:
     artifacts = args.out or workdir / "artifacts"
     cpu = cpu_description()
     print(f"machine: {cpu}")
+    print(f"int8: {'built and measured by the export' if args.cpu_int8 else 'not built'} (--cpu-int8 / --no-cpu-int8)")
     # ---- measure: the exports, the raw engines in process, the service, the baselines
     plain = export_both(args, artifacts, workdir)
     jpegs = real_jpegs(12)

@@ -132,6 +132,24 @@ def test_accuracy_rows_without_bf16_hold_fp32_alone():
     assert [(row["precision"], row["top1_agreement_percent"]) for row in rows] == [("fp32", None)]
 
 
+def test_accuracy_where_auto_served_fp32_reports_nothing_to_compare(capsys):
+    bench = script("bench_accuracy")
+    assert bench.report(bench.Accuracy("demo", 100, {"fp32": 94.0}, None, auto_chose="fp32"))
+    assert "auto served fp32" in capsys.readouterr().out
+    assert not bench.report(bench.Accuracy("demo", 100, {"fp32": 94.0}, None))  # bf16 asked for and refused
+
+
+@pytest.mark.parametrize(("flags", "builds_int8"), [({"avx2", "avx512f"}, False), ({"avx2", "avx512_vnni"}, True)])
+def test_service_benchmark_builds_int8_by_default_only_where_the_cpu_multiplies_it(monkeypatch, flags, builds_int8):
+    import export.precision
+
+    bench = script("bench_service")
+    monkeypatch.setattr(export.precision, "cpu_flags", lambda: flags)
+    assert bench.parse_args([]).cpu_int8 is builds_int8
+    assert bench.parse_args(["--no-cpu-int8"]).cpu_int8 is False
+    assert bench.parse_args(["--cpu-int8"]).cpu_int8 is True
+
+
 def test_v2_wire_rows_give_each_encodings_body_and_parse_time(tmp_path):
     bench = script("bench_v2_wire")
     figures = {"binary": (4_816_896, 0.00071), "json": (23_612_000, 3.21)}
