@@ -78,7 +78,9 @@ GOALS = {  # name -> (goal, True: at least / False: at most)
     "lone client p50 / raw batch-1 latency": (1.35, False),
     "server CPU ms/image outside the engine": (4.0, False),
 }
-LONE_REQUESTS = 64
+LONE_BLOCKS = 4  # a lone client's blocks, each right after a measurement of the engine's batch-1 latency
+LONE_PER_BLOCK = 24
+RAW_SECONDS = 2.0  # the raw engine at the service's batch, just before and just after the service's load
 
 
 # ------------------------------------------------------------------ inputs
@@ -522,9 +524,10 @@ class Interleaved:
 
 
 def measure_service(engines: Engines, artifacts: Path, jpegs: list[bytes], best_batch: int, args, workdir: Path):
-    """`python -m service` in `args.rounds` rounds, each: the raw engine at `best_batch` and its batch-1 latency
-    (in this process, the service idle), the service with cam=false, with cam=true, then one lone client; so
-    drift on a shared machine hits every figure alike. -> Interleaved."""
+    """`python -m service` in `args.rounds` rounds, each: the raw engine at `best_batch` (in this process, the
+    service idle), the service with cam=false, the raw engine again (the service's ratio is against the mean of
+    the two), the service with cam=true, then a lone client in blocks paired with the engine's batch-1 latency
+    (measure_lone); so drift on a shared machine hits every figure alike. -> Interleaved."""
     port = free_port()
     served_env = service_env(
         artifacts,
@@ -544,28 +547,35 @@ def measure_service(engines: Engines, artifacts: Path, jpegs: list[bytes], best_
     print(f"service (python -m service, max batch {best_batch}, max delay {args.max_delay_ms} ms, cache off)")
     process = start([sys.executable, "-m", "service"], served_env, port, workdir / "service.log", "/readyz")
     raw, latency, service, cam, lone = [], [], [], [], []
+    engine_ratio, lone_ratio = [], []
+    batch = batch_of(engines.pixels, best_batch)
     try:
         ready = httpx.get(f"http://127.0.0.1:{port}/readyz").json()
         what = f"{ready['backend']} on {ready['device']} in {ready['precision']}, {ready['streams']} stream(s)"
         print(f"  serving with {what}; {args.rounds} rounds")
         for _ in range(args.rounds):
-            raw.append(raw_throughput(engines.engine, batch_of(engines.pixels, best_batch), 4.0))
-            latency.append(raw_latency_ms(engines.single, engines.pixels))
-            print(
-                f"  raw engine, batch {best_batch}: {raw[-1][0]:6.1f} images/s, CPU {raw[-1][1]:.0f} ms/image; "
-                f"1 stream on every core, batch 1: {latency[-1]:.1f} ms (p50)"
-            )
+            before = raw_throughput(engines.engine, batch, RAW_SECONDS)
             service.append(measure("service cam=false", port, jpegs, c, total, raw_jpeg("/classify"), process))
+            after = raw_throughput(engines.engine, batch, RAW_SECONDS)
+            raw.append(tuple((b + a) / 2 for b, a in zip(before, after, strict=True)))
+            engine_ratio.append(service[-1]["images_per_s"] / raw[-1][0])
+            print(
+                f"  raw engine, batch {best_batch}: {before[0]:6.1f} before, {after[0]:6.1f} after images/s, "
+                f"CPU {raw[-1][1]:.0f} ms/image"
+            )
             cam.append(measure("service cam=true", port, jpegs, c, total, raw_jpeg("/classify", cam="true"), process))
-            lone.append(measure("service, lone client", port, jpegs, 1, LONE_REQUESTS, raw_jpeg("/classify"), process))
+            figures, latency_ms, ratio = measure_lone(engines, port, jpegs, process)
+            lone.append(figures)
+            latency.append(latency_ms)
+            lone_ratio.append(ratio)
     finally:
         stop(process)
     per_round = {
-        "service / its raw engine": [s["images_per_s"] / r[0] for s, r in zip(service, raw, strict=True)],
+        "service / its raw engine": engine_ratio,
         "service cam=true / cam=false": [
             c["images_per_s"] / s["images_per_s"] for c, s in zip(cam, service, strict=True)
         ],
-        "lone client p50 / raw batch-1 latency": [one["p50"] / ms for one, ms in zip(lone, latency, strict=True)],
+        "lone client p50 / raw batch-1 latency": lone_ratio,
     }
     return Interleaved(
         ratios={name: float(np.median(values)) for name, values in per_round.items()},
@@ -576,6 +586,26 @@ def measure_service(engines: Engines, artifacts: Path, jpegs: list[bytes], best_
         cam=median_figures(cam),
         lone=median_figures(lone),
     )
+
+
+def measure_lone(engines: Engines, port: int, jpegs: list[bytes], server: subprocess.Popen) -> tuple:
+    """One lone client (one photo at a time) in LONE_BLOCKS short blocks, each right after the engine's batch-1
+    latency on every core: (the blocks' median figures, the latency's median, the median of each block's p50 over
+    the latency measured just before it). The machine's speed moves within seconds, so each ratio pairs two figures
+    taken about a second apart."""
+    blocks, latencies = [], []
+    for _ in range(LONE_BLOCKS):
+        latencies.append(raw_latency_ms(engines.single, engines.pixels, LONE_PER_BLOCK))
+        blocks.append(asyncio.run(drive(port, jpegs, 1, LONE_PER_BLOCK, raw_jpeg("/classify"), server)))
+    figures = median_figures(blocks)
+    latency_ms = float(np.median(latencies))
+    ratio = float(np.median([block["p50"] / ms for block, ms in zip(blocks, latencies, strict=True)]))
+    print(
+        f"  {'service, lone client':22s} c=1: {figures['images_per_s']:6.1f} images/s  p50 {figures['p50']:6.1f} ms  "
+        f"p95 {figures['p95']:6.1f} ms  server CPU {figures['cpu_ms_per_image']:4.0f} ms/image; raw engine, 1 stream "
+        f"on every core, batch 1: {latency_ms:.1f} ms (p50); ratio {ratio:.2f} ({LONE_BLOCKS} blocks)"
+    )
+    return figures, latency_ms, ratio
 
 
 def measure_baseline(name: str, runner: str, ready_path: str, request, jpegs: list[bytes], args, log: Path, **kwargs):
