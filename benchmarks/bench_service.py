@@ -468,7 +468,17 @@ def export_both(args: argparse.Namespace, artifacts: Path, workdir: Path) -> Pat
         f"export's bf16 check: safe={bf16['safe']} ({bf16['reason']}); agreement {bf16['top1_agreement']} %, "
         f"max logit diff {bf16['max_logit_diff']} on {bf16['inputs']}"
     )
+    print(int8_line(meta.get("cpu_int8"), args.cpu_int8))
     return plain
+
+
+def int8_line(report: dict | None, wanted: bool) -> str:
+    """What the export says of int8 (metadata.json's `cpu_int8`), or why there is none."""
+    if report:
+        return f"export's int8: safe={report['safe']} ({report['reason']})"
+    if wanted:
+        return "export's int8: none in this (reused) export; export into an empty --out to build it"
+    return "export's int8: not built (--no-cpu-int8, or this CPU does not multiply int8 natively)"
 
 
 @dataclass
@@ -741,7 +751,6 @@ def main(argv: list[str] | None = None) -> int:
     artifacts = args.out or workdir / "artifacts"
     cpu = cpu_description()
     print(f"machine: {cpu}")
-    print(f"int8: {'built and measured by the export' if args.cpu_int8 else 'not built'} (--cpu-int8 / --no-cpu-int8)")
     # ---- measure: the exports, the raw engines in process, the service, the baselines
     plain = export_both(args, artifacts, workdir)
     jpegs = real_jpegs(12)

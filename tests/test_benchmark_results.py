@@ -150,6 +150,13 @@ def test_service_benchmark_builds_int8_by_default_only_where_the_cpu_multiplies_
     assert bench.parse_args(["--cpu-int8"]).cpu_int8 is True
 
 
+def test_service_benchmark_says_whether_the_export_it_measures_has_int8():
+    bench = script("bench_service")
+    assert "safe=True" in bench.int8_line({"safe": True, "reason": "agrees"}, wanted=False)
+    assert "reused" in bench.int8_line(None, wanted=True)  # asked for, but --out held an export without it
+    assert "not built" in bench.int8_line(None, wanted=False)
+
+
 def test_v2_wire_rows_give_each_encodings_body_and_parse_time(tmp_path):
     bench = script("bench_v2_wire")
     figures = {"binary": (4_816_896, 0.00071), "json": (23_612_000, 3.21)}
