@@ -359,12 +359,17 @@ def measure(
     name: str, port: int, jpegs: list[bytes], concurrency: int, total: int, request, server: subprocess.Popen
 ) -> dict[str, float]:
     r = asyncio.run(drive(port, jpegs, concurrency, total, request, server))
-    print(
+    print(figures_line(name, concurrency, r))
+    return r
+
+
+def figures_line(name: str, concurrency: int, r: dict[str, float]) -> str:
+    """One load's printed line: drive()'s figures."""
+    return (
         f"  {name:22s} c={concurrency}: {r['images_per_s']:6.1f} images/s  p50 {r['p50']:6.0f} ms  "
         f"p95 {r['p95']:6.0f} ms  server CPU {r['cpu_ms_per_image']:4.0f} ms/image  "
-        f"load generator CPU {r['client_cpu_ms_per_image']:3.0f} ms/image  errors {r['errors']}"
+        f"load generator CPU {r['client_cpu_ms_per_image']:3.0f} ms/image  errors {r['errors']:g}"
     )
-    return r
 
 
 # ------------------------------------------------------------------ the run
@@ -610,11 +615,8 @@ def measure_lone(engines: Engines, port: int, jpegs: list[bytes], server: subpro
     figures = median_figures(blocks)
     latency_ms = float(np.median(latencies))
     ratio = float(np.median([block["p50"] / ms for block, ms in zip(blocks, latencies, strict=True)]))
-    print(
-        f"  {'service, lone client':22s} c=1: {figures['images_per_s']:6.1f} images/s  p50 {figures['p50']:6.1f} ms  "
-        f"p95 {figures['p95']:6.1f} ms  server CPU {figures['cpu_ms_per_image']:4.0f} ms/image; raw engine, 1 stream "
-        f"on every core, batch 1: {latency_ms:.1f} ms (p50); ratio {ratio:.2f} ({LONE_BLOCKS} blocks)"
-    )
+    print(figures_line("service, lone client", 1, figures))
+    print(f"    raw engine, 1 stream on every core, batch 1: {latency_ms:.1f} ms (p50); paired ratio {ratio:.2f}")
     return figures, latency_ms, ratio
 
 
