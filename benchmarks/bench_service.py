@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import subprocess
 import sys
@@ -303,7 +304,7 @@ async def drive(port: int, jpegs: list[bytes], concurrency: int, total: int, req
 
     Also the server's CPU time per answered image (`server`'s process group, from /proc): what the server spends on
     one image whatever else runs on the machine, the steadier figure on a loaded one, and the same split by its
-    threads' roles (harness.thread_cpu_seconds: event loop, decode, batch workers, engine); and the load
+    threads' roles (harness.thread_cpu_seconds: event loop, decode, CAM pictures, batch workers, engine); and the load
     generator's (this process), which shares the machine with the server. The runtime's work on the batch workers'
     threads (inside the backend call, which the service counts in ENGINE_ON_WORKERS) is the engine's.
     """
@@ -694,7 +695,9 @@ def result_rows(run: Run) -> list[dict[str, object]]:
     return rows
 
 
-OUTSIDE_ENGINE = ("event loop", "decode", "batch workers")  # thread roles that are not the inference runtime's
+# The thread roles that are not the inference runtime's.
+OUTSIDE_ENGINE = ("event loop", "decode", "CAM pictures", "batch workers")
+THREAD_ROLES = (*OUTSIDE_ENGINE, "engine")
 
 
 def outside_engine_ms(figures: dict[str, float]) -> float | None:
@@ -741,10 +744,9 @@ def report(run: Run) -> None:
     cpu_ratio = service["cpu_ms_per_image"] / cam["cpu_ms_per_image"]
     print(f"{'server CPU/image cam=false / cam=true':40s} {cpu_ratio:5.2f}  (the cam cost without the load's noise)")
     print(f"{'load generator CPU ms/image':40s} {service['client_cpu_ms_per_image']:5.2f}  (on the same cores)")
-    roles = [
-        f"{role} {service.get(f'{role} cpu_ms_per_image', float('nan')):.1f}" for role in (*OUTSIDE_ENGINE, "engine")
-    ]
-    print(f"{'service CPU ms/image by thread role':40s} {', '.join(roles)} (cam=false)")
+    for load, figures in (("cam=false", service), ("cam=true", cam)):
+        roles = [f"{role} {figures.get(f'{role} cpu_ms_per_image', math.nan):.1f}" for role in THREAD_ROLES]
+        print(f"{'service CPU ms/image by thread role':40s} {', '.join(roles)} ({load})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -144,9 +144,10 @@ def cpu_seconds(group: int) -> float:
 
 def thread_cpu_seconds(pid: int) -> dict[str, float]:
     """User + system CPU seconds of process `pid`'s threads by role, from their kernel names (service.threads):
-    "event loop" (the main thread), "decode" (vitae-decode), "batch workers" (other vitae-* threads) and "engine"
-    (every other thread: those the inference runtime started). Linux only; threads that ended are not counted."""
-    roles = dict.fromkeys(("event loop", "decode", "batch workers", "engine"), 0.0)
+    "event loop" (the main thread), "decode" (vitae-decode), "CAM pictures" (vitae-cam), "batch workers" (other
+    vitae-* threads) and "engine" (every other thread: those the inference runtime started). Linux only; threads that
+    ended are not counted."""
+    roles = dict.fromkeys(("event loop", "decode", "CAM pictures", "batch workers", "engine"), 0.0)
     for task in Path(f"/proc/{pid}/task").glob("[0-9]*"):
         try:
             comm = (task / "comm").read_text().strip()
@@ -159,6 +160,8 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
             role = "event loop"
         elif comm.startswith("vitae-decode"):
             role = "decode"
+        elif comm.startswith("vitae-cam"):
+            role = "CAM pictures"
         elif comm.startswith("vitae-"):
             role = "batch workers"
         else:

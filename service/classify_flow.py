@@ -108,13 +108,13 @@ def ms(seconds: float) -> float:
 async def shape_result(
     state: ServiceState, served: ServedArtifacts, image: PreparedImage, answer: Answer, k: int, arrived: float
 ) -> ClassifyResult:
-    """One image's response: its top-k, its CAM rendered to pictures (in the decode pool), its timings."""
+    """One image's response: its top-k, its CAM rendered to pictures (on the CAM pool's threads), its timings."""
     cam = None
     if answer.cam_raw is not None:
         loop = asyncio.get_running_loop()
         with step("cam", **{"vitae.cam.class": answer.cam_class}):  # drawing the heatmap PNG and overlay JPEG
             pictures = await loop.run_in_executor(
-                state.pool, render_cam, normalize_cam(answer.cam_raw), image.original, state.settings.cam_max_side
+                state.cam_pool, render_cam, normalize_cam(answer.cam_raw), image.original, state.settings.cam_max_side
             )
         cam = CamOut(class_index=answer.cam_class, label=served.class_names[answer.cam_class], **vars(pictures))
     outcome = answer.outcome

@@ -5,7 +5,7 @@
    select and warm up the backend, start its batchers (service.runtime) -> READY once one model serves.
    With a model repository the lifespan also starts the poller, which puts new versions live (service.models).
 3. SIGTERM (or the lifespan's exit) -> DRAINING: /readyz answers 503, open requests finish.
-4. The lifespan's exit stops the poller, drains every model's batchers, closes the backends and the decode pool.
+4. The lifespan's exit stops the poller, drains every model's batchers, closes the backends and the thread pools.
 A failure while loading -> FAILED (/healthz 503: restart the process).
 """
 
@@ -61,6 +61,7 @@ class ServiceState:
     tracing: Tracing = field(default_factory=Tracing)  # off unless create_app read OTEL_* turning it on
     pool: ThreadPoolExecutor | None = None
     urgent_pool: ThreadPoolExecutor | None = None  # decodes `high` requests, at normal scheduling priority
+    cam_pool: ThreadPoolExecutor | None = None  # draws CAM pictures, apart from the decodes (service.classify_flow)
     decoding: DecodeShares | None = None  # the pools shared by urgency, then fairly between requests
     loader: asyncio.Task | None = field(default=None, repr=False)
     poller: asyncio.Task | None = field(default=None, repr=False)
@@ -141,6 +142,7 @@ async def _shut_down(state: ServiceState) -> None:
         await close_runtime(loaded.runtime)
     state.pool.shutdown(wait=True, cancel_futures=False)
     state.urgent_pool.shutdown(wait=True, cancel_futures=False)
+    state.cam_pool.shutdown(wait=True, cancel_futures=False)
     await state.tracing.shutdown()  # after the batchers, so that their last spans leave too
     heap.release()
     log.info("stopped")
@@ -148,7 +150,7 @@ async def _shut_down(state: ServiceState) -> None:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Owns every resource: the decode pool, the loader task, the batchers and the backend."""
+    """Owns every resource: the decode and CAM pools, the loader task, the batchers and the backend."""
     state: ServiceState = app.state.service
     settings = state.settings
     workers = settings.preprocess_threads or min(4, os.cpu_count() or 1)
@@ -157,6 +159,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     state.urgent_pool = ThreadPoolExecutor(
         max_workers=1, thread_name_prefix="vitae-decode", initializer=name_this_thread, initargs=("vitae-decode",)
+    )
+    # CAM pictures are drawn on threads of their own, at normal priority: in the decode pool they held its places
+    # while uploads waited, so batches went out smaller (the experiments: 2.8 -> 3.6 images per batch under load).
+    state.cam_pool = ThreadPoolExecutor(
+        max_workers=workers, thread_name_prefix="vitae-cam", initializer=name_this_thread, initargs=("vitae-cam",)
     )
     state.decoding = DecodeShares(state.pool, workers, urgent=state.urgent_pool)
     state.tracing.start()

@@ -21,6 +21,8 @@ from support.server import metric, running, serving, settings_for, wait_ready
 
 from model.checkpoint import load_checkpoint
 from model.preprocess import decode_image, preprocess, resize_size
+from service import classify_flow
+from service.postprocess import render_cam
 
 FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
@@ -105,6 +107,22 @@ def test_cam_off_by_default_and_on_when_asked(url):
     heatmap, overlay = decode_png(cam["heatmap_png"]), decode_png(cam["overlay_jpeg"])
     assert (heatmap.format, overlay.format) == ("PNG", "JPEG")
     assert heatmap.size == overlay.size == (40, 30) and overlay.mode == "RGB"
+
+
+def test_cam_pictures_are_drawn_on_the_cam_pool_not_in_the_decode_pool(url, monkeypatch):
+    """Drawn in the decode pool they held its places while uploads waited, and batches went out smaller."""
+    drawn_on = []
+
+    def render_and_note_thread(*args):
+        drawn_on.append(threading.current_thread().name)
+        return render_cam(*args)
+
+    monkeypatch.setattr(classify_flow, "render_cam", render_and_note_thread)
+    images = [encode(drawn_image(i, size=(40, 30)), "PNG") for i in range(3)]
+    files = [("file", (f"{i}.png", image, "image/png")) for i, image in enumerate(images)]
+    body = httpx.post(f"{url}/classify", params={"cam": "true"}, files=files).json()
+    assert all(item["cam"]["width"] == 40 for item in body["results"])
+    assert len(drawn_on) == 3 and all(name.startswith("vitae-cam") for name in drawn_on), drawn_on
 
 
 def test_cam_class_by_label_or_index_gives_the_same_map(url):
