@@ -114,7 +114,12 @@ async def shape_result(
         loop = asyncio.get_running_loop()
         with step("cam", **{"vitae.cam.class": answer.cam_class}):  # drawing the heatmap PNG and overlay JPEG
             pictures = await loop.run_in_executor(
-                state.cam_pool, render_cam, normalize_cam(answer.cam_raw), image.original, state.settings.cam_max_side
+                state.cam_pool,
+                render_cam,
+                normalize_cam(answer.cam_raw),
+                image.original,
+                state.settings.cam_max_side,
+                image.extent,
             )
         cam = CamOut(class_index=answer.cam_class, label=served.class_names[answer.cam_class], **vars(pictures))
     outcome = answer.outcome

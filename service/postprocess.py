@@ -82,7 +82,7 @@ CAM_MAX_SIDE = 256
 JPEG_QUALITY = 90
 
 
-def fit_within(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+def fit_within(size: tuple[float, float], max_side: int) -> tuple[int, int]:
     """(width, height) scaled down, aspect kept, so that the longer side is at most max_side; never up."""
     width, height = size
     scale = min(1.0, max_side / max(width, height))
@@ -150,20 +150,24 @@ class CamImages:
     overlay_jpeg: str
 
 
-def render_cam(grid: np.ndarray, original: Image.Image, max_side: int = CAM_MAX_SIDE) -> CamImages:
+def render_cam(
+    grid: np.ndarray, original: Image.Image, max_side: int = CAM_MAX_SIDE, extent: tuple[float, float] | None = None
+) -> CamImages:
     """A normalised grid (h, w) -> the response's grid, a jet heatmap PNG and an overlay JPEG on the image.
 
     Both pictures are drawn at the image's size scaled down to at most `max_side` on the longer side
-    (the client scales them up to the photo), so the cost does not grow with the upload. Every pixel
-    step is one of PIL's C loops (box reduction then bilinear resize, palette look-up, 50/50 blend) or numpy's
-    (the heatmap PNG's row filter).
+    (the client scales them up to the photo), so the cost does not grow with the upload. `extent` is the image's
+    width and height in `original`'s pixels when that was box-reduced already (service.inference.overlay_base);
+    default: all of `original`. Every pixel step is one of PIL's C loops (box reduction then bilinear resize,
+    palette look-up, 50/50 blend) or numpy's (the heatmap PNG's row filter).
     """
-    size = fit_within(original.size, max_side)
+    extent = extent or original.size
+    size = fit_within(extent, max_side)
     base = original
     if base.size != size:
         # reducing_gap=1: an integer box reduction first, then a short bilinear step (~50x cheaper than
         # bilinear over the whole photo, and as smooth).
-        base = base.resize(size, Image.Resampling.BILINEAR, reducing_gap=1.0)
+        base = base.resize(size, Image.Resampling.BILINEAR, box=(0, 0, *extent), reducing_gap=1.0)
     map_levels = levels(grid, size)  # (H, W) uint8
     heatmap = jet_image(map_levels)
     return CamImages(

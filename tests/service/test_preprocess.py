@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 
 import numpy as np
@@ -12,6 +13,7 @@ from support.images import drawn_image, encode
 from model import Preprocessing
 from model.preprocess import ImageDecodeError, ImageTooLargeError, decode_image, normalize, preprocess, resize_size
 from service.inference import prepare_image
+from service.postprocess import fit_within, render_cam
 
 PREP = Preprocessing(img_size=32, in_chans=1, mean=(0.3,), std=(0.35,), crop_pct=1.0, interpolation="bilinear")
 
@@ -39,6 +41,25 @@ def test_normalize_is_the_standardisation_formula_in_a_contiguous_channels_first
     got = normalize(pixels, prep)
     assert got.dtype == np.float32 and got.shape == (channels, 40, 30) and got.flags.c_contiguous
     np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize(
+    ("size", "kept", "drawn"),
+    [((1000, 750), (500, 375), (400, 300)), ((1399, 300), (467, 100), (400, 86)), ((300, 1399), (100, 467), (86, 400))],
+)
+@pytest.mark.parametrize("mode", ["RGB", "P", "I;16"])
+def test_the_overlay_keeps_an_integer_reduction_under_twice_cam_max_side_and_draws_within_it(size, kept, drawn, mode):
+    """Only the cheap box reduction runs with the decode; render_cam's bilinear step finishes it at the answer."""
+    image = drawn_image(2, size=size, mode="RGB")
+    image = image.convert("P") if mode == "P" else image.convert("L").convert("I;16") if mode == "I;16" else image
+    prepared = prepare_image(encode(image, "PNG"), PREP, max_pixels=10**7, cam_max_side=400)
+    assert prepared.original.size == kept and prepared.original.mode in ("L", "RGB")
+    grid = np.random.default_rng(0).random((4, 4))
+    pictures = render_cam(grid, prepared.original, 400, prepared.extent)
+    assert (pictures.width, pictures.height) == drawn == fit_within(size, 400)
+    assert decode_image(base64.b64decode(pictures.overlay_jpeg)).size == drawn
+    if mode == "RGB":  # the same pixels as scaling the whole image in one step, remainder rows included
+        assert pictures == render_cam(grid, image, 400)
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
