@@ -530,7 +530,8 @@ def median_figures(rounds: list[dict[str, float]]) -> dict[str, float]:
 class Interleaved:
     """What measure_service's rounds give: each figure the median of its rounds."""
 
-    raw: float  # the engine at the service's batch, images/s
+    max_batch: int  # the service's largest batch
+    raw: float  # the engine at its best batch, images/s
     raw_cpu: float  # its CPU ms/image
     raw_latency_ms: float  # batch 1 on `Engines.single`
     service: dict[str, float]
@@ -539,11 +540,19 @@ class Interleaved:
     ratios: dict[str, float]  # GOALS' ratios, each the median of its per-round ratios
 
 
+def service_max_batch(url: str) -> int:
+    """The largest batch the service at `url` sends its engine (its v2 model configuration's preferred batch)."""
+    name = httpx.get(f"{url}/readyz").json()["model"]
+    config = httpx.get(f"{url}/v2/models/{name}/config").json()
+    return config["dynamic_batching"]["preferred_batch_size"][0]
+
+
 def measure_service(engines: Engines, artifacts: Path, jpegs: list[bytes], best_batch: int, args, workdir: Path):
-    """`python -m service` in `args.rounds` rounds, each: the raw engine at `best_batch` (in this process, the
-    service idle), the service with cam=false, the raw engine again (the service's ratio is against the mean of
-    the two), the service with cam=true, then a lone client in blocks paired with the engine's batch-1 latency
-    (measure_lone); so drift on a shared machine hits every figure alike. -> Interleaved."""
+    """`python -m service` with its default batching (on CPU with several streams at most 4 images a batch) in
+    `args.rounds` rounds, each: the raw engine at its best batch `best_batch` (in this process, the service idle),
+    the service with cam=false, the raw engine again (the service's ratio is against the mean of the two), the
+    service with cam=true, then a lone client in blocks paired with the engine's batch-1 latency (measure_lone); so
+    drift on a shared machine hits every figure alike. -> Interleaved."""
     port = free_port()
     served_env = service_env(
         artifacts,
@@ -552,16 +561,16 @@ def measure_service(engines: Engines, artifacts: Path, jpegs: list[bytes], best_
         device="cpu",
         cpu_precision=args.cpu_precision,
         infer_streams=args.streams,
-        # Batches beyond the engine's best size add latency and no throughput, so that is the service's cap.
-        max_batch_size=best_batch,
+        # No VITAE_MAX_BATCH_SIZE: the service batches as it does by default (service_max_batch says how).
         max_delay_ms=args.max_delay_ms,
         queue_capacity=4096,
         request_timeout_s=300,
         cache_mb=0,  # the photos repeat: with the cache on, this would measure the cache
     )
     c, total = args.concurrency, max(args.requests, 2 * args.concurrency)
-    print(f"service (python -m service, max batch {best_batch}, max delay {args.max_delay_ms} ms, cache off)")
     process = start([sys.executable, "-m", "service"], served_env, port, workdir / "service.log", "/readyz")
+    max_batch = service_max_batch(f"http://127.0.0.1:{port}")
+    print(f"service (python -m service, its max batch {max_batch}, max delay {args.max_delay_ms} ms, cache off)")
     raw, latency, service, cam, lone = [], [], [], [], []
     engine_ratio, lone_ratio = [], []
     batch = batch_of(engines.pixels, best_batch)
@@ -594,6 +603,7 @@ def measure_service(engines: Engines, artifacts: Path, jpegs: list[bytes], best_
         "lone client p50 / raw batch-1 latency": lone_ratio,
     }
     return Interleaved(
+        max_batch=max_batch,
         ratios={name: float(np.median(values)) for name, values in per_round.items()},
         raw=float(np.median([r[0] for r in raw])),
         raw_cpu=float(np.median([r[1] for r in raw])),
@@ -635,8 +645,9 @@ def measure_baseline(name: str, runner: str, ready_path: str, request, jpegs: li
         stop(process)
 
 
-def measure_baselines(artifacts: Path, plain: Path, jpegs: list[bytes], best_batch: int, args, workdir: Path) -> tuple:
-    """The plain export behind a naive endpoint, then behind LitServe (None when not installed)."""
+def measure_baselines(artifacts: Path, plain: Path, jpegs: list[bytes], max_batch: int, args, workdir: Path) -> tuple:
+    """The plain export behind a naive endpoint, then behind LitServe (None when not installed) batching at most
+    `max_batch` images, as the service does."""
     files = {"artifacts": str(artifacts), "plain_onnx": str(plain)}
     print("naive FastAPI endpoint (plain export, one session.run per request)")
     log = workdir / "naive.log"
@@ -644,8 +655,8 @@ def measure_baselines(artifacts: Path, plain: Path, jpegs: list[bytes], best_bat
     if ls is None:
         print("LitServe: not installed (pip install -e '.[bench]'); skipped")
         return naive, None
-    print(f"LitServe (plain export, max batch {best_batch}, batch timeout {args.max_delay_ms} ms)")
-    batching = {"max_batch": best_batch, "batch_timeout_s": args.max_delay_ms / 1000}
+    print(f"LitServe (plain export, max batch {max_batch}, batch timeout {args.max_delay_ms} ms)")
+    batching = {"max_batch": max_batch, "batch_timeout_s": args.max_delay_ms / 1000}
     log = workdir / "litserve.log"
     litserve = measure_baseline(
         "LitServe", "run_litserve", "/health", multipart("/predict"), jpegs, args, log, **files, **batching
@@ -766,7 +777,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         engines.close()
     naive, litserve = (
-        (None, None) if args.skip_baselines else measure_baselines(artifacts, plain, jpegs, best_batch, args, workdir)
+        (None, None)
+        if args.skip_baselines
+        else measure_baselines(artifacts, plain, jpegs, rounds.max_batch, args, workdir)
     )
     run = Run(
         args.concurrency,

@@ -269,3 +269,12 @@ def test_service_ratios_measured_in_rounds_are_their_per_round_medians():
     figures = bench.ratios(run)
     assert figures["service / its raw engine"] == 0.83 and figures["lone client p50 / raw batch-1 latency"] == 1.2
     assert figures["service cam=true / cam=false"] == pytest.approx(15.6 / 17.44)
+
+
+@pytest.mark.parametrize("max_batch", [3, 8])
+def test_service_benchmark_reads_the_batch_the_service_sends_its_engine(artifacts, max_batch):
+    """bench_service serves with the service's own batching and gives LitServe the same cap: it reads it back."""
+    from support.server import serving
+
+    with serving(artifacts, max_batch_size=max_batch) as url:
+        assert script("bench_service").service_max_batch(url) == max_batch
