@@ -58,9 +58,8 @@ def overlay_base(image: Image.Image, max_side: int) -> tuple[Image.Image, tuple[
     Only this cheap step runs in the decode pool; render_cam's bilinear step finishes the scaling on the CAM pool's
     threads, so that the decode pool's threads, which fill the batches, spend no time on the pictures.
     """
-    if image.mode not in ("L", "RGB"):
-        image = to_model_mode(image, 3)  # as the model sees it: 16-bit scaled, transparency on white (Image.reduce
-        # takes neither palette nor 16-bit images)
+    if image.mode not in ("L", "RGB"):  # Image.reduce takes neither palette nor 16-bit images
+        image = to_model_mode(image, 3)  # as the model sees it: 16-bit scaled, transparency on white
     width, height = fit_within(image.size, max_side)
     fx, fy = image.width // width, image.height // height
     extent = (image.width / fx, image.height / fy)
