@@ -1,9 +1,9 @@
 """OS-level names for the service's own threads, so that `top -H`, /proc and profilers tell them apart.
 
-Python (before 3.14) names its threads only for itself; the kernel sees every thread as "python". The decode pool
-and the batchers' workers name themselves `vitae-<role>` when they start (Linux, at most 15 bytes); the event loop
-is the main thread, and threads a runtime starts (OpenVINO's, ONNX Runtime's) keep the name of the thread that
-started them. `benchmarks/bench_service.py` reads these names to split the server's CPU by role.
+Python (before 3.14) names its threads only for itself; the kernel sees every thread as "python". The decode pool,
+the CAM pool and the batchers' workers name themselves `vitae-<role>` when they start (Linux, at most 15 bytes);
+the event loop is the main thread, and threads a runtime starts (OpenVINO's, ONNX Runtime's) keep the name of the
+thread that started them. `benchmarks/bench_service.py` reads these names to split the server's CPU by role.
 """
 
 from __future__ import annotations
