@@ -55,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from harness import (  # noqa: E402
+    THREAD_ROLES,
     Prepared,
     cpu_seconds,
     free_port,
@@ -81,7 +82,7 @@ GOALS = {  # name -> (goal, True: at least / False: at most)
 }
 LONE_BLOCKS = 4  # a lone client's blocks, each right after a measurement of the engine's batch-1 latency
 LONE_PER_BLOCK = 24
-RAW_SECONDS = 2.0  # the raw engine at the service's batch, just before and just after the service's load
+RAW_SECONDS = 2.0  # the raw engine at its best batch, just before and just after the service's load
 
 
 # ------------------------------------------------------------------ inputs
@@ -569,12 +570,12 @@ def measure_service(engines: Engines, artifacts: Path, jpegs: list[bytes], best_
     )
     c, total = args.concurrency, max(args.requests, 2 * args.concurrency)
     process = start([sys.executable, "-m", "service"], served_env, port, workdir / "service.log", "/readyz")
-    max_batch = service_max_batch(f"http://127.0.0.1:{port}")
-    print(f"service (python -m service, its max batch {max_batch}, max delay {args.max_delay_ms} ms, cache off)")
     raw, latency, service, cam, lone = [], [], [], [], []
     engine_ratio, lone_ratio = [], []
     batch = batch_of(engines.pixels, best_batch)
     try:
+        max_batch = service_max_batch(f"http://127.0.0.1:{port}")
+        print(f"service (python -m service, its max batch {max_batch}, max delay {args.max_delay_ms} ms, cache off)")
         ready = httpx.get(f"http://127.0.0.1:{port}/readyz").json()
         what = f"{ready['backend']} on {ready['device']} in {ready['precision']}, {ready['streams']} stream(s)"
         print(f"  serving with {what}; {args.rounds} rounds")
@@ -706,9 +707,7 @@ def result_rows(run: Run) -> list[dict[str, object]]:
     return rows
 
 
-# The thread roles that are not the inference runtime's.
-OUTSIDE_ENGINE = ("event loop", "decode", "CAM pictures", "batch workers")
-THREAD_ROLES = (*OUTSIDE_ENGINE, "engine")
+OUTSIDE_ENGINE = tuple(role for role in THREAD_ROLES if role != "engine")  # not the inference runtime's
 
 
 def outside_engine_ms(figures: dict[str, float]) -> float | None:

@@ -142,12 +142,15 @@ def cpu_seconds(group: int) -> float:
     return sum(cpu_of(fields) for fields in processes if fields is not None and int(fields[2]) == group)
 
 
+THREAD_ROLES = ("event loop", "decode", "CAM pictures", "batch workers", "engine")  # thread_cpu_seconds' keys
+
+
 def thread_cpu_seconds(pid: int) -> dict[str, float]:
     """User + system CPU seconds of process `pid`'s threads by role, from their kernel names (service.threads):
     "event loop" (the main thread), "decode" (vitae-decode), "CAM pictures" (vitae-cam), "batch workers" (other
     vitae-* threads) and "engine" (every other thread: those the inference runtime started). Linux only; threads that
     ended are not counted."""
-    roles = dict.fromkeys(("event loop", "decode", "CAM pictures", "batch workers", "engine"), 0.0)
+    roles = dict.fromkeys(THREAD_ROLES, 0.0)
     for task in Path(f"/proc/{pid}/task").glob("[0-9]*"):
         try:
             comm = (task / "comm").read_text().strip()
