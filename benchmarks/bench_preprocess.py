@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     prep = get_variant(args.variant).preprocessing
     photos = real_jpegs(args.photos)
     decoded = [decode_image(data, target_size=resize_size(prep)) for data in photos]
-    cropped = [np.asarray(resize_and_crop(to_model_mode(image, prep.in_chans), prep)) for image in decoded]
+    cropped = [resize_and_crop(to_model_mode(image, prep.in_chans), prep) for image in decoded]
     print(f"machine: {machine()} ({cpu_flags()}); {args.variant}: {prep.img_size} px, {prep.interpolation}")
     print(f"{len(photos)} photos, {min(map(len, photos)) // 1024}-{max(map(len, photos)) // 1024} KiB; ms per photo:")
     figures = {

@@ -1,6 +1,7 @@
 """The one implementation of image preprocessing, shared by training, evaluation and serving.
 
-Everything here is PIL + numpy so that the service can call it without touching torch.
+PIL decodes and converts; the resize of RGB images is torch's vectorized 8-bit kernel (PIL's filters in PIL's
+fixed-point arithmetic, within one level of PIL's own resize); normalisation is numpy.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
     "lanczos": Image.Resampling.LANCZOS,
 }
+# The filters torch's 8-bit kernel computes as PIL does (resample_rgb). It is vectorized for 3 or 4 channels only:
+# single-channel images stay with PIL, no slower on them (faster on small ones).
+VECTOR_FILTERS = ("bicubic", "bilinear")
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 # Formats read as one of the accepted ones: a JPEG with a multi-picture (MPF) segment, as phones and cameras
 # write them, is opened by Pillow as MPO; its first frame is the JPEG picture.
@@ -124,18 +128,33 @@ def crop_geometry(width: int, height: int, prep: Preprocessing) -> tuple[int, in
     return new_w, new_h, (new_w - prep.img_size) // 2, (new_h - prep.img_size) // 2
 
 
-def resize_and_crop(image: Image.Image, prep: Preprocessing) -> Image.Image:
-    """Resize the shorter side to img_size / crop_pct, then center-crop img_size x img_size."""
+def resize_and_crop(image: Image.Image, prep: Preprocessing) -> np.ndarray:
+    """uint8 (S, S) or (S, S, C): the shorter side resized to img_size / crop_pct, then the centred S x S crop
+    (timm's evaluation transform: Resize, then CenterCrop)."""
     width, height = image.size
     new_w, new_h, left, top = crop_geometry(width, height, prep)
     if (new_w, new_h) == (width, height):
-        return image.crop((left, top, left + prep.img_size, top + prep.img_size))
-    # Resample only the crop: the source box that maps onto it gives the same pixels as resizing the whole
-    # image and cropping (same scale, same sample positions, filter support reaching outside the box),
-    # for about half the work on photos.
-    sx, sy = width / new_w, height / new_h
-    box = (left * sx, top * sy, (left + prep.img_size) * sx, (top + prep.img_size) * sy)
-    return image.resize((prep.img_size, prep.img_size), RESAMPLE[prep.interpolation], box=box)
+        resized = np.asarray(image)
+    elif image.mode == "RGB" and prep.interpolation in VECTOR_FILTERS:
+        resized = resample_rgb(np.array(image), new_w, new_h, prep.interpolation)
+    else:
+        # PIL resizes the whole image: resampling only the crop's source box lets it take the vertical pass
+        # first, and its 8-bit rounding between the passes then moves pixels by up to 10 levels.
+        resized = np.asarray(image.resize((new_w, new_h), RESAMPLE[prep.interpolation]))
+    return resized[top : top + prep.img_size, left : left + prep.img_size]
+
+
+def resample_rgb(pixels: np.ndarray, width: int, height: int, interpolation: str) -> np.ndarray:
+    """uint8 (H, W, 3) -> uint8 (height, width, 3) by torch's antialiased 8-bit kernel: PIL's filter (the a = -0.5
+    cubic), two passes rounded to 8 bits as PIL's are: one level off PIL's resize on ~0.2 % of values. On the
+    benchmark's photos 0.44 ms against PIL's 1.9 ms; it runs on the calling thread only. `pixels` must be writable
+    (torch warns on a read-only array)."""
+    import torch
+    import torch.nn.functional as F
+
+    planes = torch.from_numpy(pixels).permute(2, 0, 1)[None]  # (1, 3, H, W), channels-last in memory
+    resized = F.interpolate(planes, size=(height, width), mode=interpolation, antialias=True)  # (1, 3, h, w)
+    return resized[0].permute(1, 2, 0).numpy()  # (h, w, 3)
 
 
 def normalize(pixels: np.ndarray, prep: Preprocessing) -> np.ndarray:
@@ -159,4 +178,4 @@ def normalize(pixels: np.ndarray, prep: Preprocessing) -> np.ndarray:
 def preprocess(image: Image.Image, prep: Preprocessing) -> np.ndarray:
     """The evaluation transform: PIL image of any mode -> float32 (C, S, S) model input."""
     image = to_model_mode(image, prep.in_chans)
-    return normalize(np.asarray(resize_and_crop(image, prep)), prep)
+    return normalize(resize_and_crop(image, prep), prep)

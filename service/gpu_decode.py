@@ -15,9 +15,10 @@ The path of one request's uploads:
                 a = -0.5 cubic), rounded and clamped to 0..255 as PIL's 8-bit resize is; then the centre crop
   5. normalise  / 255, then (x - mean) / std of the served Preprocessing
 
-Known differences from the PIL path: PIL decodes large JPEGs at a reduced DCT scale (draft mode) and resamples
-only the crop box, nvJPEG's IDCT and chroma upsampling differ from libjpeg's by a level or two, and a grey model
-gets nvJPEG's luma plane rather than PIL's RGB -> L conversion. tests/service/test_gpu_decode.py measures the effect.
+Known differences from the PIL path: PIL decodes large JPEGs at a reduced DCT scale (draft mode), the CPU's resize
+rounds to 8 bits between its two passes (this path rounds once), nvJPEG's IDCT and chroma upsampling differ from
+libjpeg's by a level or two, and a grey model gets nvJPEG's luma plane rather than PIL's RGB -> L conversion.
+tests/service/test_gpu_decode.py measures the effect.
 """
 
 from __future__ import annotations
