@@ -10,13 +10,13 @@ import numpy as np
 from PIL import Image
 
 from model import Preprocessing
-from model.preprocess import decode_image, preprocess, resize_size, stored_size, to_model_mode
+from model.preprocess import decode_image, preprocess, resize_size, stored_size
 
 from .artifacts import ServedArtifacts
 from .backends import Backend, infer_rows
 from .gradcam import AutogradGradCAM
 from .numerics import Guarded, NonFiniteGuard
-from .postprocess import fit_within, last_cell_cam
+from .postprocess import box_reduce, last_cell_cam
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -24,20 +24,20 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 @dataclass(frozen=True)
 class PreparedImage:
     pixels: Any  # float32 (C, S, S), normalised: numpy, or a torch tensor on the GPU (service.gpu_decode)
-    original: Image.Image | None  # kept only when a CAM overlay will be drawn on it: overlay_base
+    original: Image.Image | None  # kept only when a CAM overlay will be drawn on it: box_reduce
     extent: tuple[float, float] | None = None  # the upload's width and height in `original`'s pixels
 
 
 def prepare_image(data: bytes, prep: Preprocessing, *, max_pixels: int, cam_max_side: int | None) -> PreparedImage:
     """Bytes -> model input through model.preprocess, the functions the trainer's evaluation uses.
 
-    Large JPEGs decode in draft mode at about the model's size. When a CAM overlay is wanted
-    (`cam_max_side` given), the image is kept for it too, reduced to under twice cam_max_side a side
-    (`overlay_base`; render_cam draws at most cam_max_side): drawing PNGs costs time and memory in proportion to
-    their pixels, so that bounds the work of a CAM whatever the upload's size. The picture decoded for the model
-    is reused when it is at least cam_max_side; a JPEG drafted smaller than that (a small model input) is decoded
-    again, in draft mode at about cam_max_side, for a sharp overlay (one decoded at its stored size is not: it
-    would come out the same). The model input, and so the logits, never depend on whether a CAM was asked for.
+    Large JPEGs decode in draft mode at about the model's size. When a CAM overlay is wanted (`cam_max_side` given), the
+    image is kept for it too, reduced to under twice cam_max_side a side (`postprocess.box_reduce`; render_cam draws at
+    most cam_max_side): drawing PNGs costs time and memory in proportion to their pixels, so that bounds the work of a
+    CAM whatever the upload's size. The picture decoded for the model is reused when it is at least cam_max_side; a JPEG
+    drafted smaller than that (a small model input) is decoded again, in draft mode at about cam_max_side, for a sharp
+    overlay (one decoded at its stored size is not: it would come out the same). The model input, and so the logits,
+    never depend on whether a CAM was asked for.
     Raises model.preprocess.ImageDecodeError / ImageTooLargeError.
     """
     image = decode_image(data, max_pixels=max_pixels, target_size=resize_size(prep))
@@ -46,24 +46,7 @@ def prepare_image(data: bytes, prep: Preprocessing, *, max_pixels: int, cam_max_
         return PreparedImage(pixels, None)
     if data.startswith(JPEG_MAGIC) and max(image.size) < cam_max_side and image.size != stored_size(data):
         image = decode_image(data, max_pixels=max_pixels, target_size=cam_max_side)
-    return PreparedImage(pixels, *overlay_base(image, cam_max_side))
-
-
-def overlay_base(image: Image.Image, max_side: int) -> tuple[Image.Image, tuple[float, float]]:
-    """The picture a CAM overlay is drawn on and the image's extent in its pixels: in L or RGB, box-reduced by the
-    integer factor that render_cam's scaling starts with, which leaves under twice `max_side` a side to keep until
-    the answer. The extent is exact (a side of 427 reduced by 2 is 213.5, its last pixel row half of one):
-    render_cam scales that region, so the overlay is not shifted by the remainder.
-
-    Only this cheap step runs in the decode pool; render_cam's bilinear step finishes the scaling on the CAM pool's
-    threads, so that the decode pool's threads, which fill the batches, spend no time on the pictures.
-    """
-    if image.mode not in ("L", "RGB"):  # Image.reduce takes neither palette nor 16-bit images
-        image = to_model_mode(image, 3)  # as the model sees it: 16-bit scaled, transparency on white
-    width, height = fit_within(image.size, max_side)
-    fx, fy = image.width // width, image.height // height
-    extent = (image.width / fx, image.height / fy)
-    return (image.reduce((fx, fy)) if (fx, fy) != (1, 1) else image), extent
+    return PreparedImage(pixels, *box_reduce(image, cam_max_side))
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 from support.images import drawn_image
+from support.photos import varied_jpegs
 
+from model.preprocess import decode_image, to_model_mode
 from service.postprocess import (
     JET_TABLE,
+    box_reduce,
     fit_within,
     jet,
     jet_image,
@@ -20,6 +23,7 @@ from service.postprocess import (
     normalize_cam,
     palette_png,
     render_cam,
+    scale_picture,
     softmax,
     top_k,
     upsample,
@@ -131,3 +135,20 @@ def test_palette_png_of_a_heatmap_is_smaller_than_pils_unfiltered_one():
     jet_image(map_levels).save(buffer, format="PNG", compress_level=1)
     assert len(ours) < 0.8 * len(buffer.getvalue()), (len(ours), len(buffer.getvalue()))
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(ours))), map_levels)
+
+
+def test_an_rgb_overlay_picture_is_pils_bilinear_scaling_of_its_exact_extent_within_one_level():
+    """torch's 8-bit kernel scales the box-reduced picture over its exact extent, remainder row included: within
+    one level of PIL's scaling of the same box (ignoring the half row shifts edges by many levels)."""
+    photos = [to_model_mode(decode_image(data), 3) for data in varied_jpegs(16, seed=3)]
+    if not photos:
+        pytest.skip("no source photographs installed (matplotlib, scikit-learn: the dev extras)")
+    fractional = 0
+    for photo in photos:
+        base, extent = box_reduce(photo, 256)
+        size = fit_within(extent, 256)
+        fractional += extent != base.size
+        got = np.asarray(scale_picture(base, size, extent), dtype=np.int16)
+        expected = np.asarray(base.resize(size, Image.Resampling.BILINEAR, box=(0, 0, *extent)), dtype=np.int16)
+        assert got.shape == expected.shape and np.abs(got - expected).max() <= 1, photo.size
+    assert fractional >= 3  # the remainder row or column is exercised
