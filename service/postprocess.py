@@ -196,8 +196,8 @@ def box_reduce(image: Image.Image, max_side: int) -> tuple[Image.Image, tuple[fl
 
 def scale_picture(picture: Image.Image, size: tuple[int, int], extent: tuple[float, float]) -> Image.Image:
     """The `extent` region of a box-reduced picture (under twice `size` a side) scaled to `size`, bilinear and
-    antialiased: torch's 8-bit kernel for RGB (0.26-0.41 ms for the benchmark's photos at 256 px, PIL's 0.55-1.17),
-    PIL's for grey pictures; the two agree within one level."""
+    antialiased: torch's 8-bit kernel for RGB (0.26-0.41 ms for the benchmark's photos at 256 px, PIL's 0.55-1.17;
+    within one level of PIL's), PIL's for grey pictures."""
     if picture.size == size:
         return picture
     if picture.mode == "RGB":
