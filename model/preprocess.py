@@ -25,6 +25,10 @@ RESAMPLE = {
 # single-channel images stay with PIL, whose whole-image resize is the release's transform exactly (torch's generic
 # path is slower on small images: 16 against 9 us at 28 px).
 VECTOR_FILTERS = ("bicubic", "bilinear")
+# Larger RGB images than this stay with PIL too: torch needs the pixels as a writable array, two copies of the
+# image (PIL's bytes, then the array) beside PIL's own, 240 MB more for a 40-megapixel PNG. Photos decoded in
+# draft mode are far below it.
+VECTOR_MAX_PIXELS = 4_000_000
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 # Formats read as one of the accepted ones: a JPEG with a multi-picture (MPF) segment, as phones and cameras
 # write them, is opened by Pillow as MPO; its first frame is the JPEG picture.
@@ -136,7 +140,7 @@ def resize_and_crop(image: Image.Image, prep: Preprocessing) -> np.ndarray:
     new_w, new_h, left, top = crop_geometry(width, height, prep)
     if (new_w, new_h) == (width, height):
         resized = np.asarray(image)
-    elif image.mode == "RGB" and prep.interpolation in VECTOR_FILTERS:
+    elif image.mode == "RGB" and prep.interpolation in VECTOR_FILTERS and width * height <= VECTOR_MAX_PIXELS:
         resized = resample_rgb(np.array(image), new_w, new_h, prep.interpolation)
     else:
         # PIL resizes the whole image: resampling only the crop's source box lets it take the vertical pass

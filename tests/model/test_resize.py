@@ -10,7 +10,15 @@ from support.images import drawn_image
 from support.photos import varied_jpegs
 
 from model import Preprocessing
-from model.preprocess import RESAMPLE, crop_geometry, decode_image, resize_and_crop, resize_size, to_model_mode
+from model.preprocess import (
+    RESAMPLE,
+    VECTOR_MAX_PIXELS,
+    crop_geometry,
+    decode_image,
+    resize_and_crop,
+    resize_size,
+    to_model_mode,
+)
 
 PHOTOS = 40
 
@@ -74,3 +82,11 @@ def test_an_image_already_at_the_resize_size_is_only_cropped():
     prep = prep_for("bicubic", img_size=32, crop_pct=0.8)  # resize to 40
     image = drawn_image(4, size=(40, 56), mode="RGB")
     np.testing.assert_array_equal(resize_and_crop(image, prep), np.asarray(image)[12:44, 4:36])
+
+
+def test_an_rgb_image_over_the_vector_limit_is_resized_by_pil_exactly():
+    """No writable copy of a huge upload for torch: PIL's whole-image resize, the release's transform itself."""
+    image = drawn_image(5, size=(2600, 1600), mode="RGB")
+    assert image.width * image.height > VECTOR_MAX_PIXELS
+    prep = prep_for("bicubic")
+    np.testing.assert_array_equal(resize_and_crop(image, prep), release_transform(image, prep))
