@@ -58,7 +58,7 @@ def test_the_overlay_keeps_an_integer_reduction_under_twice_cam_max_side_and_dra
     pictures = render_cam(grid, prepared.original, 400, prepared.extent)
     assert (pictures.width, pictures.height) == drawn == fit_within(size, 400)
     assert decode_image(base64.b64decode(pictures.overlay_jpeg)).size == drawn
-    if mode == "RGB":  # the same pixels as scaling the whole image in one step, remainder rows included
+    if mode == "RGB":  # what the decode step kept is what render_cam reduces the whole image to, extent included
         assert pictures == render_cam(grid, image, 400)
 
 
